@@ -1,0 +1,493 @@
+"""Image encoding/decoding and local (driver-side, no Spark) loaders for labelled images.
+
+Loaders return `(items, rejected)`: `items` holds the usable rows, `rejected[id, reason]` every
+row that was left out and why, so nothing is dropped silently. These loaders read everything into
+memory: they are for the demo and tests; at scale the Spark jobs read the tables themselves.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from PIL import Image
+
+PathLike = Union[str, "os.PathLike[str]"]
+SizeArg = Union[int, Tuple[int, int], None]
+
+REQUIRED_TABLE_COLUMNS = ("id", "label", "image")
+ITEM_COLUMNS = ["id", "label", "class_name", "image"]
+REJECTED_COLUMNS = ["id", "reason"]
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that should hold an encoded image cannot be decoded."""
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+def encode_png(img: np.ndarray) -> bytes:
+    """Encode a uint8 image (HxW, HxWx1, HxWx3 or HxWx4) as PNG bytes (lossless).
+
+    Raises TypeError when `img` is not a uint8 ndarray, ValueError on any other shape.
+    """
+    if not isinstance(img, np.ndarray):
+        raise TypeError(f"img must be a numpy array, got {type(img).__name__}")
+    if img.dtype != np.uint8:
+        raise TypeError(f"img must have dtype uint8, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (3, 4))):
+        raise ValueError(f"img must be HxW, HxWx1, HxWx3 or HxWx4, got shape {img.shape}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"img must not be empty, got shape {img.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _size_hw(size: SizeArg) -> Optional[Tuple[int, int]]:
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        hw = (int(size), int(size))
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
+    ):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise ValueError(f"size must be None, an int or a (height, width) pair, got {size!r}")
+    if min(hw) <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return hw
+
+
+def decode_image(
+    data: Any,
+    *,
+    item_id: Any = None,
+    size: SizeArg = None,
+    grayscale: bool = True,
+) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, ... anything PIL reads) to float32 in [0, 1].
+
+    Args:
+        data: the encoded bytes (bytes, bytearray or memoryview).
+        item_id: the item's id, used only to name it in errors.
+        size: None keeps the image's size; an int or (height, width) resizes (bilinear).
+        grayscale: True -> [H, W] luminance; False -> [H, W, 3] RGB.
+    Raises:
+        ValueError: bad `size`.
+        ImageDecodeError (a ValueError): missing, empty or undecodable bytes; names `item_id`.
+    """
+    hw = _size_hw(size)
+    who = f"item {item_id!r}" if item_id is not None else "image"
+    if data is None:
+        raise ImageDecodeError(f"{who}: image bytes are null")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"{who}: expected encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageDecodeError(f"{who}: image bytes are empty")
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            im.load()  # force a full decode so truncated files fail here, not later
+            im = im.convert("L" if grayscale else "RGB")
+            if hw is not None and (im.height, im.width) != hw:
+                im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
+        raise ImageDecodeError(
+            f"{who}: cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}"
+        ) from exc
+    return arr / np.float32(255.0)
+
+
+def _decode_problem(data: Any, item_id: Any) -> Optional[str]:
+    """None when `data` decodes as an image, else the reason it does not."""
+    try:
+        decode_image(data, item_id=item_id)
+    except ImageDecodeError as exc:
+        return str(exc)
+    return None
+
+
+def _rejected_frame(rows: List[Tuple[Any, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=REJECTED_COLUMNS).astype({"reason": str})
+
+
+# --------------------------------------------------------------------------- image folder
+
+def load_image_folder(root: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Load an image-folder dataset: `root/<class_name>/**/<file>`, one sub-folder per class.
+
+    Class index = position of the sub-folder in sorted name order; `id` = the file's path
+    relative to `root` with '/' separators. Hidden files and folders (leading '.') are skipped.
+    Returns:
+        (items[id, label int64, class_name, image bytes (the file as is)],
+         rejected[id, reason]) where rejected lists undecodable files and files lying
+        directly in `root` (outside any class folder).
+    Raises:
+        FileNotFoundError / NotADirectoryError: `root` missing or not a folder.
+        ValueError: `root` has no class sub-folders, or they hold no files; names the folder.
+    """
+    root_path = Path(root)
+    if not root_path.exists():
+        raise FileNotFoundError(f"image folder {root_path} does not exist")
+    if not root_path.is_dir():
+        raise NotADirectoryError(f"image folder {root_path} is not a directory")
+    entries = sorted(p for p in root_path.iterdir() if not p.name.startswith("."))
+    class_dirs = [p for p in entries if p.is_dir()]
+    if not class_dirs:
+        raise ValueError(
+            f"image folder {root_path} has no class sub-folders (expected root/<class>/<image>)"
+        )
+    rejected: List[Tuple[Any, str]] = [
+        (p.name, "file is not inside a class sub-folder") for p in entries if p.is_file()
+    ]
+    rows = []
+    for label, class_dir in enumerate(class_dirs):
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                file_path = Path(dirpath) / name
+                item_id = file_path.relative_to(root_path).as_posix()
+                data = file_path.read_bytes()
+                problem = _decode_problem(data, item_id)
+                if problem is not None:
+                    rejected.append((item_id, problem))
+                else:
+                    rows.append((item_id, label, class_dir.name, data))
+    if not rows and not rejected:
+        raise ValueError(f"image folder {root_path}: class sub-folders hold no files")
+    items = pd.DataFrame(rows, columns=ITEM_COLUMNS).astype({"label": np.int64})
+    return items, _rejected_frame(rejected)
+
+
+# --------------------------------------------------------------------------- Delta (minimal)
+
+_DELTA_VERSION_FILE = re.compile(r"^(\d{20})\.json$")
+# Reader features this reader handles: harmless ones, plus two whose actual use it detects
+# and refuses (a deletionVector on an add action; a columnMapping mode in metaData).
+_HANDLED_READER_FEATURES = {"timestampNtz", "vacuumProtocolCheck", "deletionVectors", "columnMapping"}
+_DELTA_PRIMITIVES = {
+    "string": "string", "long": "int64", "integer": "int32", "short": "int16", "byte": "int8",
+    "double": "float64", "float": "float32", "boolean": "bool", "binary": "binary",
+    "date": "date32", "timestamp": "timestamp[us, tz=UTC]", "timestamp_ntz": "timestamp[us]",
+}
+
+
+def _spark_hint(table: Path) -> str:
+    return (
+        f"read it with Spark instead: spark.read.format('delta').load('{table}') "
+        "(see fastfill_udfs.spark)"
+    )
+
+
+def _delta_live_files(table: Path) -> Tuple[List[Tuple[Path, Dict[str, Any]]], Dict[str, Any]]:
+    """Replay `_delta_log/*.json` commits: return the live data files with their partition
+    values, and the latest metaData action. Only plain tables without checkpoints are handled."""
+    log_dir = table / "_delta_log"
+    names = sorted(os.listdir(log_dir))
+    checkpoints = [n for n in names
+                   if not n.startswith(".") and (".checkpoint" in n or n == "_last_checkpoint")]
+    if checkpoints:
+        # Older commits may already be cleaned up behind a checkpoint; replaying JSON alone
+        # would return a wrong file set.
+        raise NotImplementedError(
+            f"Delta table {table} has checkpoint files ({', '.join(checkpoints[:3])}); this "
+            "minimal reader only replays JSON commits, " + _spark_hint(table)
+        )
+    versions = sorted(
+        (int(m.group(1)), n) for n in names if (m := _DELTA_VERSION_FILE.match(n))
+    )
+    if not versions:
+        raise ValueError(f"Delta table {table}: _delta_log holds no commit files")
+    found = [v for v, _ in versions]
+    if found != list(range(len(found))):
+        raise ValueError(
+            f"Delta table {table}: commit versions are not contiguous from 0 (found "
+            f"{found[:5]}{'...' if len(found) > 5 else ''}); " + _spark_hint(table)
+        )
+    live: Dict[str, Dict[str, Any]] = {}
+    metadata: Dict[str, Any] = {}
+    for _, name in versions:
+        with open(log_dir / name, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    action = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"Delta log {log_dir / name} line {line_no}: bad JSON") from exc
+                if "protocol" in action:
+                    _check_protocol(table, action["protocol"])
+                if "metaData" in action:
+                    metadata = action["metaData"]
+                    mode = metadata.get("configuration", {}).get("delta.columnMapping.mode", "none")
+                    if mode != "none":
+                        raise NotImplementedError(
+                            f"Delta table {table} uses column mapping ({mode}); " + _spark_hint(table)
+                        )
+                if "add" in action:
+                    add = action["add"]
+                    if add.get("deletionVector"):
+                        raise NotImplementedError(
+                            f"Delta table {table} uses deletion vectors; " + _spark_hint(table)
+                        )
+                    live[add["path"]] = add
+                if "remove" in action:
+                    live.pop(action["remove"]["path"], None)
+    files = [(_delta_file_path(table, p), add.get("partitionValues") or {}) for p, add in live.items()]
+    return sorted(files, key=lambda f: str(f[0])), metadata
+
+
+def _check_protocol(table: Path, protocol: Mapping[str, Any]) -> None:
+    version = int(protocol.get("minReaderVersion", 1))
+    features = set(protocol.get("readerFeatures") or [])
+    if version > 3 or (version == 3 and not features <= _HANDLED_READER_FEATURES):
+        raise NotImplementedError(
+            f"Delta table {table} needs reader version {version} "
+            f"(features: {sorted(features) or 'none'}); " + _spark_hint(table)
+        )
+
+
+def _delta_file_path(table: Path, raw: str) -> Path:
+    parsed = urlparse(raw)
+    if parsed.scheme in ("", "file"):
+        # Delta stores paths URL-encoded; relative ones are relative to the table root.
+        local = Path(unquote(parsed.path if parsed.scheme else raw))
+        return local if local.is_absolute() else table / local
+    raise NotImplementedError(
+        f"Delta table {table} references a non-local file {raw!r}; " + _spark_hint(table)
+    )
+
+
+def _read_delta(table: Path, columns: Sequence[str]) -> Optional[pa.Table]:
+    files, metadata = _delta_live_files(table)
+    schema_fields = json.loads(metadata.get("schemaString", '{"fields": []}')).get("fields", [])
+    schema_names = [f["name"] for f in schema_fields]
+    _require_columns(table, schema_names)
+    types = {f["name"]: f["type"] for f in schema_fields}
+    partition_cols = set(metadata.get("partitionColumns") or [])
+    pieces = []
+    for path, part_values in files:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Delta table {table}: data file {path} listed as live in the log is missing"
+            )
+        file_cols = [c for c in columns if c not in partition_cols]
+        piece = pq.read_table(path, columns=file_cols)
+        for col in columns:
+            if col in partition_cols:
+                piece = piece.append_column(
+                    col, _partition_column(part_values.get(col), types.get(col), piece.num_rows)
+                )
+        pieces.append(piece.select(list(columns)))
+    if not pieces:
+        return None
+    return pa.concat_tables(pieces, promote_options="permissive")
+
+
+def _partition_column(value: Optional[str], delta_type: Any, n: int) -> pa.Array:
+    arrow_type = _DELTA_PRIMITIVES.get(delta_type, "string") if isinstance(delta_type, str) else "string"
+    col = pa.array([value] * n, type=pa.string())
+    # Delta stores partition values as strings; binary values are raw, others parse by cast.
+    return col.cast(pa.binary()) if arrow_type == "binary" else col.cast(arrow_type)
+
+
+# --------------------------------------------------------------------------- Parquet / Delta
+
+def _require_columns(where: Path, names: Sequence[str]) -> None:
+    missing = [c for c in REQUIRED_TABLE_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(
+            f"table {where} is missing required column(s) {missing}; it has {list(names)}"
+        )
+
+
+def _label_problem(value: Any) -> Tuple[Optional[int], Optional[str]]:
+    """(label, None) for a valid label, else (None, reason)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None, "label is null"
+    if isinstance(value, (bool, np.bool_)):
+        return None, f"label {value!r} is not an integer"
+    if isinstance(value, (int, np.integer)):
+        label = int(value)
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        label = int(value)
+    else:
+        return None, f"label {value!r} is not an integer"
+    if label < 0:
+        return None, f"label {label} is negative"
+    return label, None
+
+
+def load_image_table(path: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Load a labelled image table with columns id, label, image (encoded bytes).
+
+    Args:
+        path: a Parquet file, a folder of Parquet files (hive partitions allowed), or a Delta
+            table folder (has `_delta_log/`). Delta is read without Spark by replaying the JSON
+            commit log; tables with checkpoints, deletion vectors or column mapping raise
+            NotImplementedError telling you to read them with Spark.
+    Returns:
+        (items[id str, label int64, image bytes], rejected[id, reason]); a row is rejected when
+        its id or image is null, its label is null, negative or not an integer, or its image does
+        not decode (all its problems are listed in `reason`).
+    Raises:
+        FileNotFoundError: `path` missing. ValueError: required columns missing (named), or
+        duplicate ids (a few listed). NotImplementedError: see above.
+    """
+    table_path = Path(path)
+    if not table_path.exists():
+        raise FileNotFoundError(f"image table {table_path} does not exist")
+    columns = list(REQUIRED_TABLE_COLUMNS)
+    if table_path.is_dir() and (table_path / "_delta_log").is_dir():
+        table = _read_delta(table_path, columns)
+    else:
+        try:
+            dataset = pads.dataset(table_path, format="parquet", partitioning="hive")
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"cannot read {table_path} as Parquet: {exc}") from exc
+        _require_columns(table_path, dataset.schema.names)
+        table = dataset.to_table(columns=columns)
+
+    if table is None or table.num_rows == 0:
+        empty = pd.DataFrame({"id": pd.Series([], dtype=object),
+                              "label": pd.Series([], dtype=np.int64),
+                              "image": pd.Series([], dtype=object)})
+        return empty, _rejected_frame([])
+
+    image_type = table.schema.field("image").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise ValueError(
+            f"table {table_path}: column 'image' must be binary (encoded image bytes), "
+            f"got {image_type}"
+        )
+    ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
+    labels = table.column("label").to_pylist()
+    images = table.column("image").to_pylist()
+
+    seen, dups = set(), []
+    for item_id in ids:
+        if item_id is not None:
+            if item_id in seen and item_id not in dups:
+                dups.append(item_id)
+            seen.add(item_id)
+    if dups:
+        shown = ", ".join(repr(d) for d in dups[:5])
+        raise ValueError(
+            f"table {table_path}: column 'id' must be unique; {len(dups)} duplicated id(s), "
+            f"e.g. {shown}"
+        )
+
+    rows, rejected = [], []
+    for row, (item_id, raw_label, data) in enumerate(zip(ids, labels, images)):
+        problems = []
+        if item_id is None:
+            problems.append(f"row {row}: id is null")
+        label, label_problem = _label_problem(raw_label)
+        if label_problem:
+            problems.append(label_problem)
+        image_problem = _decode_problem(data, item_id if item_id is not None else f"row {row}")
+        if image_problem:
+            problems.append(image_problem)
+        if problems:
+            rejected.append((item_id, "; ".join(problems)))
+        else:
+            rows.append((item_id, label, data))
+    items = pd.DataFrame(rows, columns=["id", "label", "image"]).astype({"label": np.int64})
+    return items, _rejected_frame(rejected)
+
+
+# --------------------------------------------------------------------------- subsets
+
+def _check_labels(labels: Any) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def stratified_subset(labels: Any, limit: int, seed: int) -> np.ndarray:
+    """Seeded, class-stratified subset of `limit` indices into `labels`, sorted ascending.
+
+    Each class gets its proportional share of `limit` (largest-remainder rounding, ties to the
+    smaller class id), drawn at random within the class. Same inputs -> same output.
+    Args:
+        labels: 1-D integer class labels (length N).
+        limit: subset size; 0 or >= N returns all indices 0..N-1.
+        seed: non-negative int.
+    Raises:
+        ValueError: `labels` not 1-D integers, `limit` negative or not an int, bad `seed`.
+    """
+    arr = _check_labels(labels)
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+        raise ValueError(f"limit must be a non-negative int (0 = all), got {limit!r}")
+    rng = np.random.default_rng(_check_seed(seed))
+    n = arr.size
+    if limit == 0 or limit >= n:
+        return np.arange(n, dtype=np.int64)
+    classes, inverse, counts = np.unique(arr, return_inverse=True, return_counts=True)
+    exact = counts * (limit / n)
+    quota = np.floor(exact).astype(np.int64)
+    # Hand out the rounding leftovers to the largest remainders; stable sort keeps ties ordered.
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[: limit - int(quota.sum())]] += 1
+    picked = []
+    for k in range(classes.size):
+        members = np.flatnonzero(inverse == k)
+        picked.append(rng.permutation(members)[: quota[k]])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def subsample_classes(labels: Any, fractions: Mapping[int, float], seed: int) -> np.ndarray:
+    """Seeded indices keeping `fractions[c]` of each listed class c and all of the others.
+
+    Used to bias a model, e.g. `{5: 0.03, 7: 0.03, 9: 0.03}` keeps 3% of footwear. A listed class
+    keeps round(fraction * count) items, at least 1 when the fraction is > 0; listed classes that
+    do not occur are ignored. Returns sorted int64 indices; same inputs -> same output.
+    Raises:
+        ValueError: `labels` not 1-D integers, a fraction outside [0, 1] or a non-int class key
+            (named), bad `seed`.
+    """
+    arr = _check_labels(labels)
+    if not isinstance(fractions, Mapping):
+        raise ValueError(f"fractions must be a dict {{class: fraction}}, got {type(fractions).__name__}")
+    for cls, frac in fractions.items():
+        if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)):
+            raise ValueError(f"fractions: class key {cls!r} must be an int")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float, np.number)) or not 0 <= frac <= 1:
+            raise ValueError(f"fractions[{cls}] must be a number in [0, 1], got {frac!r}")
+    rng = np.random.default_rng(_check_seed(seed))
+    keep = np.ones(arr.size, dtype=bool)
+    for cls in sorted(int(c) for c in fractions):
+        members = np.flatnonzero(arr == cls)
+        if members.size == 0:
+            continue
+        frac = float(fractions[cls])
+        n_keep = int(round(frac * members.size))
+        if frac > 0:
+            n_keep = max(n_keep, 1)
+        keep[members] = False
+        keep[rng.permutation(members)[:n_keep]] = True
+    return np.flatnonzero(keep).astype(np.int64)

@@ -1,0 +1,89 @@
+"""Delta Lake I/O: where each table of the data contract lives, and reading/writing them.
+
+Tables are path-based (`<warehouse>/<name>`), so the same code runs locally and on a cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+
+from fastfill_udfs.config import Config
+
+
+class TableNotFoundError(FileNotFoundError):
+    """A Delta table the job needs does not exist (yet)."""
+
+
+@dataclass(frozen=True)
+class TablePaths:
+    """Paths of the data contract's tables; per-run tables live under runs/<run>/."""
+
+    gallery: str
+    queries: str
+    query_features: str
+    quarantine: str
+    backfill_plan: str | None = None
+    gallery_features: str | None = None
+    backfill_log: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def run_id_for(cfg: Config, policy: str | None = None) -> str:
+    """The backfill run's name: `<run_name>_<policy>` (one run per policy when comparing)."""
+    policy = policy or cfg.get_path("backfill.policy")
+    return f"{cfg.get_path('run_name')}_{policy}"
+
+
+def table_paths(cfg: Config, run: str | None = None) -> TablePaths:
+    root = cfg.resolve_path("paths.warehouse").rstrip("/")
+    per_run = {}
+    if run is not None:
+        base = f"{root}/runs/{run}"
+        per_run = dict(backfill_plan=f"{base}/backfill_plan",
+                       gallery_features=f"{base}/gallery_features",
+                       backfill_log=f"{base}/backfill_log")
+    return TablePaths(gallery=f"{root}/gallery", queries=f"{root}/queries",
+                      query_features=f"{root}/query_features",
+                      quarantine=f"{root}/quarantine", **per_run)
+
+
+def is_delta_table(spark: SparkSession, path: str) -> bool:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def read_table(spark: SparkSession, path: str, version: int | None = None) -> DataFrame:
+    """Read the Delta table at `path`, optionally as of `version` (time travel).
+
+    Raises TableNotFoundError naming the path when there is no Delta table there."""
+    if not is_delta_table(spark, path):
+        raise TableNotFoundError(f"no Delta table at {path}")
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", int(version))
+    return reader.load(path)
+
+
+def write_table(df: DataFrame, path: str, *, mode: str = "overwrite",
+                partition_by: list[str] | None = None) -> None:
+    """Write `df` as a Delta table at `path` (`mode`: overwrite | append | errorifexists)."""
+    writer = df.write.format("delta").mode(mode)
+    if mode == "overwrite":
+        writer = writer.option("overwriteSchema", "true")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.save(path)
+
+
+def latest_version(spark: SparkSession, path: str) -> int:
+    """The newest committed version of the Delta table at `path`."""
+    from delta.tables import DeltaTable
+
+    if not is_delta_table(spark, path):
+        raise TableNotFoundError(f"no Delta table at {path}")
+    row = DeltaTable.forPath(spark, path).history(1).select("version").first()
+    return int(row["version"])

@@ -1,0 +1,119 @@
+"""Delta Lake JVM jars: resolve them once from Maven Central into a project-local cache and
+write a `spark-defaults.conf` so that `python pipelines/x.py` and plain `spark-submit
+pipelines/x.py` both start Spark with Delta's SQL extension and catalog.
+
+Run ``python -m fastfill_udfs.spark.jars`` (scripts/setup.sh does it) to fetch and wire the jars.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fastfill_udfs.config import PROJECT_ROOT
+
+SETUP_COMMAND = "bash scripts/setup.sh"
+JAR_CACHE = Path(os.environ.get("FASTFILL_JAR_CACHE", PROJECT_ROOT / ".cache" / "ivy"))
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def delta_maven_coordinate() -> str:
+    """The Maven coordinate of delta-spark matching the installed pyspark and delta-spark."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_minor}_2.13:{version('delta-spark')}"
+
+
+def cached_jars(cache: Path = JAR_CACHE) -> list[Path]:
+    """The resolved jars (Delta and its dependencies) in the cache, sorted; [] when not fetched."""
+    jar_dir = cache / "jars"
+    return sorted(jar_dir.glob("*.jar")) if jar_dir.is_dir() else []
+
+
+def delta_jars_present(cache: Path = JAR_CACHE) -> bool:
+    coord = delta_maven_coordinate()
+    _, artifact, ver = coord.split(":")
+    return any(p.name == f"io.delta_{artifact}-{ver}.jar" for p in cached_jars(cache))
+
+
+def missing_jars_message() -> str:
+    return (
+        f"Delta Lake jars ({delta_maven_coordinate()}) are not in {JAR_CACHE / 'jars'}. "
+        f"Run `{SETUP_COMMAND}` (or `python -m fastfill_udfs.spark.jars`) to fetch them from "
+        "Maven Central. This project never falls back to plain Parquet."
+    )
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+def delta_spark_conf(cache: Path = JAR_CACHE) -> dict[str, str]:
+    """Spark settings that enable Delta with the cached jars."""
+    return {
+        "spark.jars": ",".join(str(p) for p in cached_jars(cache)),
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+    }
+
+
+def fetch_delta_jars(cache: Path = JAR_CACHE) -> list[Path]:
+    """Resolve delta-spark and its dependencies with Spark's own Ivy into `cache`.
+
+    Raises RuntimeError with spark-submit's output when resolution fails."""
+    cache.mkdir(parents=True, exist_ok=True)
+    coord = delta_maven_coordinate()
+    submit = spark_home() / "bin" / "spark-submit"
+    with tempfile.TemporaryDirectory() as tmp:
+        noop = Path(tmp) / "noop.py"
+        noop.write_text("")
+        env = {**os.environ, "SPARK_CONF_DIR": tmp}  # ignore a possibly stale spark-defaults
+        proc = subprocess.run(
+            [str(submit), "--master", "local[1]", "--packages", coord,
+             "--conf", f"spark.jars.ivy={cache}", str(noop)],
+            capture_output=True, text=True, env=env,
+        )
+    if proc.returncode != 0 or not delta_jars_present(cache):
+        raise RuntimeError(
+            f"could not resolve {coord} from Maven Central into {cache}:\n"
+            + proc.stdout[-3000:] + proc.stderr[-3000:]
+        )
+    return cached_jars(cache)
+
+
+def write_spark_defaults(cache: Path = JAR_CACHE) -> Path:
+    """Write <pyspark>/conf/spark-defaults.conf enabling Delta with the cached jars.
+
+    The venv's pyspark is SPARK_HOME for both `python` and its `spark-submit`."""
+    if not delta_jars_present(cache):
+        raise FileNotFoundError(missing_jars_message())
+    conf_dir = spark_home() / "conf"
+    conf_dir.mkdir(exist_ok=True)
+    path = conf_dir / "spark-defaults.conf"
+    lines = ["# Written by fastfill_udfs.spark.jars (scripts/setup.sh); rerun it to refresh."]
+    lines += [f"{k}  {v}" for k, v in delta_spark_conf(cache).items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    if delta_jars_present():
+        print(f"Delta jars already cached in {JAR_CACHE / 'jars'}")
+    else:
+        print(f"Fetching {delta_maven_coordinate()} from Maven Central into {JAR_CACHE} ...")
+        fetch_delta_jars()
+    print(f"  {len(cached_jars())} jars, Delta: {delta_maven_coordinate()}")
+    print(f"Wrote {write_spark_defaults()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: one Delta-enabled SparkSession for the whole test run, small configs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from fastfill_udfs.spark.session import get_spark
+
+    warehouse = tmp_path_factory.mktemp("spark-warehouse")
+    session = get_spark({
+        "master": "local[2]", "app_name": "fastfill-tests", "shuffle_partitions": 2,
+        "arrow_batch_size": 512, "driver_memory": "2g",
+        "conf": {"spark.sql.warehouse.dir": str(warehouse),
+                 "spark.databricks.delta.snapshotPartitions": "2",
+                 "spark.default.parallelism": "2"},
+    })
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def test_config(tmp_path):
+    """The test overlay (small, fast) with a private warehouse, outputs and MLflow store."""
+    from fastfill_udfs.config import load_config
+
+    return load_config(["conf/test.yaml"], [
+        f"paths.warehouse={tmp_path / 'warehouse'}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        f"paths.models={tmp_path / 'models'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ])
