@@ -1,0 +1,125 @@
+"""In-memory backfilling curve and its area (no Spark).
+
+At backfill fraction t the gallery holds the new-model embedding for the first round(t * N)
+items of the backfill order and the transformed embedding h(old) for the rest; queries always
+use the new model. The curve is a metric vs t, its trapezoid area over [0, 1] the headline
+number ("mAP AUC").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from fastfill_udfs.metrics import retrieval_metrics
+
+__all__ = ["backfill_curve", "curve_auc", "DEFAULT_FRACTIONS"]
+
+DEFAULT_FRACTIONS = tuple(np.round(np.linspace(0.0, 1.0, 11), 10))
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):            # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def curve_auc(fractions, values) -> float:
+    """Trapezoid area under ``values`` over ``fractions`` in [0, 1] (uneven spacing is fine).
+
+    Raises ValueError unless both are 1-D of equal length >= 2, ``fractions`` is
+    non-decreasing, starts at 0 and ends at 1, and everything is finite.
+    """
+    x = _to_numpy(fractions).astype(np.float64)
+    y = _to_numpy(values).astype(np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"fractions must be 1-D with at least 2 points, got shape {x.shape}")
+    if y.shape != x.shape:
+        raise ValueError(f"values shape {y.shape} != fractions shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("fractions contains NaN or infinite values")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("values contains NaN or infinite values")
+    if np.any(np.diff(x) < 0):
+        raise ValueError("fractions must be sorted in ascending order")
+    if abs(x[0]) > 1e-9 or abs(x[-1] - 1.0) > 1e-9:
+        raise ValueError(f"fractions must start at 0 and end at 1, got [{x[0]}, {x[-1]}]")
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_labels,
+                   gallery_labels, *, fractions=None, batch_ids=None, query_ids=None,
+                   gallery_ids=None, topk: Sequence[int] = (1, 5)) -> pd.DataFrame:
+    """Retrieval metrics along a backfill of ``order``.
+
+    Args: ``order`` a permutation of gallery row indices (first = backfilled first);
+    ``transformed_gallery``/``new_gallery`` (N x d) h(old) and new embeddings of the gallery;
+    ``query_emb`` (Q x d) new-model queries; labels 1-D; ``query_ids``/``gallery_ids`` for
+    leave-one-out (see :func:`fastfill_udfs.metrics.retrieval_metrics`).
+    Evaluates either at ``fractions`` (ascending, in [0, 1]; default 0, 0.1, ..., 1; the first
+    ``round(t * N)`` items backfilled, halves rounded up) or, with ``batch_ids`` (per-rank batch
+    ids, non-decreasing along ``order``), at t = 0 and after each batch; never both.
+    Returns a DataFrame with columns ``backfill_fraction, n_backfilled, mAP, top1, top5``
+    (one ``top{k}`` per k) and, with ``batch_ids``, ``batch_id`` (0 for the initial state).
+    Raises ValueError naming the argument on bad shapes, a non-permutation ``order``, bad
+    ``fractions`` or ``batch_ids``.
+    """
+    t_g = _to_numpy(transformed_gallery)
+    n_g = _to_numpy(new_gallery)
+    if t_g.ndim != 2:
+        raise ValueError(f"transformed_gallery must be 2-D (items x dim), got shape {t_g.shape}")
+    if n_g.shape != t_g.shape:
+        raise ValueError(f"new_gallery shape {n_g.shape} != transformed_gallery shape {t_g.shape}")
+    n = t_g.shape[0]
+    o = _to_numpy(order)
+    if o.ndim != 1 or len(o) != n or (n and not np.issubdtype(o.dtype, np.integer)):
+        raise ValueError(f"order must be a 1-D integer array of length {n}")
+    o = o.astype(np.int64)
+    if n and not np.array_equal(np.sort(o), np.arange(n)):
+        raise ValueError(f"order must be a permutation of 0..{n - 1}")
+    if fractions is not None and batch_ids is not None:
+        raise ValueError("give fractions or batch_ids, not both")
+
+    batch_col = None
+    if batch_ids is not None:
+        b = _to_numpy(batch_ids)
+        if b.ndim != 1 or len(b) != n or (n and not np.issubdtype(b.dtype, np.integer)):
+            raise ValueError(f"batch_ids must be a 1-D integer array of length {n} (one per rank)")
+        if np.any(np.diff(b) < 0):
+            raise ValueError("batch_ids must be non-decreasing along the order")
+        ids, first = np.unique(b, return_index=True)
+        counts = np.append(first[1:], n)                 # items backfilled after each batch
+        n_back = np.concatenate([[0], counts]).astype(np.int64)
+        frac = n_back / n if n else np.zeros(len(n_back))
+        batch_col = np.concatenate([[0], ids]).astype(np.int64)
+    else:
+        frac = np.asarray(DEFAULT_FRACTIONS if fractions is None else _to_numpy(fractions),
+                          dtype=np.float64)
+        if frac.ndim != 1 or len(frac) == 0:
+            raise ValueError("fractions must be a non-empty 1-D sequence")
+        if not np.all(np.isfinite(frac)) or frac.min() < 0 or frac.max() > 1:
+            raise ValueError("fractions must lie in [0, 1]")
+        if np.any(np.diff(frac) < 0):
+            raise ValueError("fractions must be sorted in ascending order")
+        n_back = np.floor(frac * n + 0.5).astype(np.int64)
+
+    rows = []
+    gallery = t_g.copy()
+    done = 0
+    for t, k in zip(frac, n_back):
+        if k > done:                                     # fractions are ascending: only add
+            idx = o[done:k]
+            gallery[idx] = n_g[idx]
+            done = k
+        m = retrieval_metrics(query_emb, query_labels, gallery, gallery_labels,
+                              query_ids=query_ids, gallery_ids=gallery_ids, topk=topk)
+        row = {"backfill_fraction": float(t), "n_backfilled": int(k), "mAP": m["mAP"]}
+        row.update({f"top{kk}": m[f"top{kk}"] for kk in topk})
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["backfill_fraction", "n_backfilled", "mAP"]
+                      + [f"top{kk}" for kk in topk])
+    if batch_col is not None:
+        df["batch_id"] = batch_col
+    return df
