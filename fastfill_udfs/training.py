@@ -1,0 +1,188 @@
+"""Training on the CPU (or GPU when present): the demo's embedding CNNs and FastFill's `h`."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastfill_udfs.losses import alignment_loss, fastfill_loss, fct_loss
+from fastfill_udfs.models import EmbeddingCNN, Transformation, sigma_from_s
+from fastfill_udfs.progress import Progress
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("fastfill", "fct")
+
+
+@dataclass
+class History:
+    """Per-epoch training curve: mean loss (and accuracy for classifiers)."""
+
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return torch.Generator().manual_seed(seed)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] (or [N, H, W, C]) -> float [N, C, H, W] in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    elif t.dim() == 4:
+        t = t.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {tuple(t.shape)}")
+    return t.float().div_(255.0)
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up for `warmup` steps, then cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_embedding_model(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
+                          channels, embedding_dim: int, epochs: int, batch_size: int,
+                          lr: float, seed: int, name: str = "model",
+                          augment: bool = True) -> tuple[EmbeddingCNN, History]:
+    """Train an EmbeddingCNN with cross-entropy (Adam, cosine schedule, random flips).
+
+    `labels` must lie in [0, num_classes); raises ValueError otherwise."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must be non-empty "
+                         "and of equal length")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    gen = seed_everything(seed)
+    model = EmbeddingCNN(channels, embedding_dim, num_classes)
+    x_all, y_all = images_to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(x_all) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, epochs * steps_per_epoch, steps_per_epoch // 2))
+    history, progress = History(), Progress(f"train {name}: epoch", epochs, log)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_all), generator=gen)
+        total, correct, loss_sum = 0, 0, 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            x, y = x_all[idx], y_all[idx]
+            if augment:
+                flip = torch.rand(len(x), generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            total += len(y)
+        history.loss.append(loss_sum / total)
+        history.accuracy.append(correct / total)
+        progress.update(extra=f"loss {history.loss[-1]:.4f} acc {history.accuracy[-1]:.3f}")
+    model.eval()
+    return model, history
+
+
+def train_transformation(old: np.ndarray, new: np.ndarray, labels: np.ndarray | None, *,
+                         objective: str, new_classifier: nn.Linear | None = None,
+                         hidden_dim: int = 1024, num_hidden_layers: int = 2, epochs: int = 60,
+                         batch_size: int = 1024, lr: float = 5e-4, weight_decay: float = 0.0,
+                         warmup_epochs: int = 3, freeze_bn_after: float = 0.5,
+                         label_smoothing: float = 0.1, seed: int = 0,
+                         device: str | torch.device = "cpu") -> tuple[Transformation, History]:
+    """Train `h: old -> new` with `objective` "fct" (L2 only, no uncertainty head) or
+    "fastfill" (L2 + label-smoothed CE through the frozen `new_classifier`, weighted by the
+    predicted uncertainty). Adam with warm-up + cosine schedule; BatchNorm frozen (eval mode)
+    after `freeze_bn_after` of the epochs. Raises ValueError for bad inputs, naming them."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if len(old) != len(new) or len(old) == 0:
+        raise ValueError(f"old ({len(old)}) and new ({len(new)}) embeddings must be non-empty "
+                         "and of equal length")
+    if objective == "fastfill" and (new_classifier is None or labels is None):
+        raise ValueError("objective 'fastfill' needs labels and new_classifier")
+    for name, arr in (("old", old), ("new", new)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} embeddings contain NaN or inf")
+    gen = seed_everything(seed)
+    device = torch.device(device)
+    # Train in a space where new embeddings have unit RMS norm, so that the L2 term is on the
+    # scale of the cross-entropy and exp(-s) does not shrink its gradient by the raw norm.
+    scale = float(np.sqrt(np.mean(np.sum(np.square(new, dtype=np.float64), axis=1)))) or 1.0
+    new = new / scale
+    h = Transformation(old.shape[1], new.shape[1], hidden_dim, num_hidden_layers,
+                       uncertainty=(objective == "fastfill")).to(device)
+    o_all = torch.from_numpy(np.ascontiguousarray(old, dtype=np.float32)).to(device)
+    n_all = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32)).to(device)
+    y_all = None if labels is None else torch.from_numpy(labels.astype(np.int64)).to(device)
+    if new_classifier is not None:
+        new_classifier = new_classifier.to(device).eval()
+        for p in new_classifier.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.Adam(h.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(o_all) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(
+        s, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
+    freeze_epoch = int(round(freeze_bn_after * epochs)) if freeze_bn_after > 0 else epochs
+    history, progress = History(), Progress(f"train h ({objective}): epoch", epochs, log,
+                                            min_interval=5.0)
+    for epoch in range(epochs):
+        h.train()
+        if epoch >= freeze_epoch:
+            for m in h.modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.eval()
+        perm = torch.randperm(len(o_all), generator=gen).to(device)
+        loss_sum, total = 0.0, 0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2:  # BatchNorm needs two rows in training mode
+                continue
+            pred, s = h(o_all[idx])
+            if objective == "fct":
+                loss = fct_loss(pred, n_all[idx])
+            else:
+                per_item = alignment_loss(pred, n_all[idx], new_classifier(pred * scale),
+                                          y_all[idx], label_smoothing)
+                loss = fastfill_loss(per_item, s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            total += len(idx)
+        history.loss.append(loss_sum / max(total, 1))
+        progress.update(extra=f"loss {history.loss[-1]:.4f}")
+    h.eval()
+    h.fold_output_scale(scale)
+    return h.cpu(), history
+
+
+@torch.inference_mode()
+def transform(h: Transformation, old: np.ndarray, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Apply `h` to old embeddings: (transformed float32 [N, new_dim], sigma float64 [N])."""
+    h.eval()
+    outs, sigmas = [], []
+    for i in range(0, len(old), batch_size):
+        pred, s = h(torch.from_numpy(np.ascontiguousarray(old[i:i + batch_size], dtype=np.float32)))
+        outs.append(pred.numpy())
+        sigmas.append(sigma_from_s(s).double().numpy())
+    if not outs:
+        return np.zeros((0, h.new_dim), np.float32), np.zeros(0)
+    return np.concatenate(outs), np.concatenate(sigmas)
+
