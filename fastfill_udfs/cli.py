@@ -22,7 +22,7 @@ def setup_logging() -> None:
         level=logging.INFO, stream=sys.stdout,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
-    for noisy in ("py4j", "alembic", "mlflow.store", "matplotlib", "urllib3"):
+    for noisy in ("py4j", "alembic", "mlflow.store", "matplotlib", "urllib3", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -196,3 +196,10 @@ def batch_sizes(n_items: int, *, batch_size: int | None = None,
         return np.array([batch_size] * full + ([rest] if rest else []), dtype=np.int64)
     q, big = divmod(n_items, num_batches)
     return np.array([q + 1] * big + [q] * (num_batches - big), dtype=np.int64)
+
+
+def batching_from_config(backfill_cfg) -> dict:
+    """``{"num_batches": K}`` when the config's ``backfill.num_batches`` > 0, else
+    ``{"batch_size": backfill.batch_size}``: the keyword arguments of the batching functions."""
+    num = int(backfill_cfg["num_batches"])
+    return {"num_batches": num} if num > 0 else {"batch_size": int(backfill_cfg["batch_size"])}

@@ -15,7 +15,7 @@ from fastfill_udfs.demo_data import Split, load_split, old_model_subset
 from fastfill_udfs.inference import BatchEmbedder
 from fastfill_udfs.metrics import retrieval_metrics
 from fastfill_udfs.models import EmbeddingCNN, Transformation
-from fastfill_udfs.policies import assign_batches, order_scores, rank_order
+from fastfill_udfs.policies import assign_batches, batching_from_config, order_scores, rank_order
 from fastfill_udfs.simulate import backfill_curve, curve_auc
 from fastfill_udfs.training import History, train_embedding_model, train_transformation, transform
 
@@ -97,7 +97,7 @@ def study_curves(cfg: Config, test: Split, new_emb, transformed: dict, sigma: di
     """Backfilling curves (at batch boundaries of backfill.batch_size) and their AUCs for each
     study policy. Returns (curves long table, summary table)."""
     seed = cfg.get_path("seed")
-    batch_ids = assign_batches(len(test.ids), **_batching(cfg))
+    batch_ids = assign_batches(len(test.ids), **batching_from_config(cfg.get_path("backfill")))
     curves, summary = [], []
     for name in cfg.get_path("study.policies"):
         objective, policy = STUDY_POLICIES[name]
@@ -121,11 +121,6 @@ def study_curves(cfg: Config, test: Split, new_emb, transformed: dict, sigma: di
         log.info("%s: mAP AUC %.4f, top-1 AUC %.4f", name, summary[-1]["mAP_auc"],
                  summary[-1]["top1_auc"])
     return pd.concat(curves, ignore_index=True), pd.DataFrame(summary)
-
-
-def _batching(cfg: Config) -> dict:
-    num = cfg.get_path("backfill.num_batches")
-    return {"num_batches": num} if num > 0 else {"batch_size": cfg.get_path("backfill.batch_size")}
 
 
 @dataclass

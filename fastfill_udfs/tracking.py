@@ -42,3 +42,63 @@ def configure_mlflow(cfg: Config, experiment: str | None = None) -> str:
         exp_id = found.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+RUN_TAG = "fastfill.run"
+
+
+def backfill_mlflow_run(cfg: Config, run: str, policy: str, params: dict) -> str:
+    """The MLflow run id of backfill run `run` (tag fastfill.run), created on first use.
+
+    Params are logged once; a later call with different values for an existing key keeps the
+    first (MLflow params are immutable) and logs a warning naming the key."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp_id = configure_mlflow(cfg)
+    client = MlflowClient()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        existing = found[0].data.params
+    else:
+        created = client.create_run(exp_id, run_name=run, tags={
+            RUN_TAG: run, "fastfill.policy": policy, "fastfill.kind": "backfill"})
+        run_id, existing = created.info.run_id, {}
+    new = {}
+    for key, value in params.items():
+        value = str(value)[:6000]
+        if key not in existing:
+            new[key] = value
+        elif existing[key] != value:
+            log.warning("MLflow run %s keeps param %s=%r (now %r)", run, key, existing[key], value)
+    if new:
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, v) for k, v in new.items()])
+    mlflow.end_run() if mlflow.active_run() else None
+    return run_id
+
+
+def log_step_metrics(run_id: str, metrics: dict, step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    ts = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[
+        Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and np_finite(v)])
+
+
+def np_finite(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def logged_steps(run_id: str, key: str = "mAP") -> set[int]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}

@@ -87,3 +87,31 @@ def latest_version(spark: SparkSession, path: str) -> int:
         raise TableNotFoundError(f"no Delta table at {path}")
     row = DeltaTable.forPath(spark, path).history(1).select("version").first()
     return int(row["version"])
+
+
+QUARANTINE_SCHEMA = "id string, stage string, run string, reason string, detected_at timestamp"
+
+
+def write_quarantine(spark: SparkSession, path: str, rows: DataFrame, stage: str,
+                     run: str | None = None) -> int:
+    """Replace the quarantine rows of (`stage`, `run`) with `rows` (columns id, reason).
+
+    One atomic Delta commit (replaceWhere), so a rerun never duplicates rows. Returns the count."""
+    from pyspark.sql import functions as F
+
+    out = rows.select(
+        F.col("id").cast("string"), F.lit(stage).alias("stage"),
+        F.lit(run).cast("string").alias("run"), F.col("reason").cast("string"),
+        F.current_timestamp().alias("detected_at"))
+    condition = f"stage = '{stage}' AND " + (f"run = '{run}'" if run else "run IS NULL")
+    if not is_delta_table(spark, path):
+        write_table(spark.createDataFrame([], QUARANTINE_SCHEMA), path)
+    out.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path)
+    return read_table(spark, path).where(condition).count()
+
+
+def quarantine_count(spark: SparkSession, path: str, stage: str, run: str | None = None) -> int:
+    if not is_delta_table(spark, path):
+        return 0
+    condition = f"stage = '{stage}' AND " + (f"run = '{run}'" if run else "run IS NULL")
+    return read_table(spark, path).where(condition).count()

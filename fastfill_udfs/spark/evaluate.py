@@ -1,0 +1,206 @@
+"""Evaluation of a backfill run, tracked in MLflow.
+
+For each committed batch, read `gallery_features` at the Delta version recorded in
+`backfill_log` (time travel: the whole curve can be rebuilt after the fact), update the faiss
+shards with the rows that batch changed (a full build on the first step evaluated), and score the
+new-model query features against them over the full ranking (exact mAP, CMC top-k, overall and
+per subgroup). Logs `mAP`, `top1`, `top5`, `backfill_fraction` at step = committed batches; when
+the run is complete, `mAP_auc`, `top1_auc` and the curve as CSV and PNG."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from fastfill_udfs.config import Config
+from fastfill_udfs.faiss_index import ShardedGalleryIndex
+from fastfill_udfs.metrics import retrieval_metrics
+from fastfill_udfs.simulate import curve_auc
+from fastfill_udfs.spark.delta_io import read_table, table_paths
+
+log = logging.getLogger(__name__)
+CURVE_METRICS = ("mAP", "top1", "top5")
+
+
+def _to_matrix(pdf: pd.DataFrame, column: str) -> np.ndarray:
+    if pdf.empty:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(pdf[column].to_numpy()).astype(np.float32)
+
+
+class QuerySet:
+    """New-model query features held on the driver (the evaluation set is small by design)."""
+
+    def __init__(self, spark: SparkSession, cfg: Config):
+        path = table_paths(cfg).query_features
+        pdf = read_table(spark, path).toPandas().sort_values("id", kind="stable")
+        if pdf.empty:
+            raise ValueError(f"query_features table {path} is empty")
+        self.ids = pdf["id"].to_numpy(dtype=object)
+        self.labels = pdf["label"].to_numpy()
+        self.subgroups = pdf["subgroup"].fillna("").to_numpy(dtype=object)
+        self.embeddings = _to_matrix(pdf, "embedding")
+
+
+class RunEvaluator:
+    """Evaluates the steps of one backfill run, keeping faiss shards between steps."""
+
+    def __init__(self, spark: SparkSession, cfg: Config, run: str, queries: QuerySet | None = None):
+        self.spark, self.cfg, self.run = spark, cfg, run
+        self.paths = table_paths(cfg, run)
+        self.queries = queries or QuerySet(spark, cfg)
+        gallery = read_table(spark, self.paths.gallery).select("id", "label", "subgroup").toPandas()
+        gallery = gallery.sort_values("id", kind="stable").reset_index(drop=True)
+        self.key_of = pd.Series(np.arange(len(gallery), dtype=np.int64), index=gallery["id"])
+        self.gallery = gallery
+        self.index: ShardedGalleryIndex | None = None
+        self.indexed_batch: int | None = None
+        self.topk = tuple(self.cfg.get_path("evaluation.topk"))
+        self.subgroup_names = sorted(set(self.queries.subgroups) - {""})
+        self.references = self._new_new_reference()
+
+    def _metrics(self, gallery_ids, gallery_vectors, gallery_labels, query_mask=None) -> dict:
+        q = self.queries
+        sel = slice(None) if query_mask is None else query_mask
+        return retrieval_metrics(q.embeddings[sel], q.labels[sel], gallery_vectors, gallery_labels,
+                                 query_ids=q.ids[sel], gallery_ids=gallery_ids, topk=self.topk,
+                                 block_size=self.cfg.get_path("evaluation.query_block_size"))
+
+    def _new_new_reference(self) -> dict:
+        """new/new: the query features as the gallery (queries = gallery items here)."""
+        q = self.queries
+        return {f"new_new_{k}": v for k, v in self._scored(q.ids, q.embeddings, q.labels).items()}
+
+    def _scored(self, gallery_ids, vectors, gallery_labels) -> dict:
+        overall = self._metrics(gallery_ids, vectors, gallery_labels)
+        out = {m: overall[m] for m in CURVE_METRICS if m in overall}
+        for name in self.subgroup_names:
+            sub = self._metrics(gallery_ids, vectors, gallery_labels, self.queries.subgroups == name)
+            out[f"mAP_{name}"], out[f"top1_{name}"] = sub["mAP"], sub["top1"]
+        return out
+
+    def _update_index(self, batch_id: int, version: int) -> None:
+        features = read_table(self.spark, self.paths.gallery_features, version=version)
+        incremental = self.index is not None and self.indexed_batch == batch_id - 1
+        if incremental:
+            changed = features.where(F.col("batch_id") == batch_id).select("id", "embedding")
+            pdf = changed.toPandas()
+            self.index.upsert(self.key_of[pdf["id"]].to_numpy(), _to_matrix(pdf, "embedding"))
+        else:
+            pdf = features.select("id", "embedding").toPandas()
+            vectors = _to_matrix(pdf, "embedding")
+            self.index = ShardedGalleryIndex(vectors.shape[1], self.cfg.get_path("evaluation.num_shards"))
+            self.index.build(self.key_of[pdf["id"]].to_numpy(), vectors)
+        self.indexed_batch = batch_id
+
+    def evaluate_step(self, batch_id: int, version: int, n_backfilled: int) -> dict:
+        """Metrics of the gallery as of `version` (after batch `batch_id`)."""
+        self._update_index(batch_id, version)
+        keys, vectors = self.index.reconstruct_all()
+        ids = self.gallery["id"].to_numpy(dtype=object)[keys]
+        out = self._scored(ids, vectors, self.gallery["label"].to_numpy()[keys])
+        out["backfill_fraction"] = n_backfilled / max(1, len(keys))
+        if len(self.subgroup_names) == 2:
+            a, b = self.subgroup_names
+            out["top1_gap"] = out[f"top1_{a}"] - out[f"top1_{b}"]
+        for name in self.subgroup_names:
+            out[f"top1_shortfall_{name}"] = self.references[f"new_new_top1_{name}"] - out[f"top1_{name}"]
+        return out
+
+
+def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:
+    """backfill_log rows sorted by batch, with the cumulative items backfilled."""
+    pdf = read_table(spark, table_paths(cfg, run).backfill_log).toPandas()
+    pdf = pdf.sort_values("batch_id").reset_index(drop=True)
+    pdf["n_backfilled"] = np.where(pdf["batch_id"] == 0, 0, pdf["n_items"]).cumsum()
+    return pdf
+
+
+def curve_from_history(client, mlflow_run_id: str) -> pd.DataFrame:
+    """The curve as logged: one row per step with backfill_fraction and metrics."""
+    frames = []
+    for key in ("backfill_fraction",) + CURVE_METRICS:
+        hist = client.get_metric_history(mlflow_run_id, key)
+        frames.append(pd.Series({m.step: m.value for m in hist}, name=key))
+    curve = pd.concat(frames, axis=1).sort_index()
+    curve.index.name = "step"
+    return curve.reset_index()
+
+
+class BackfillTracker:
+    """MLflow side of one backfill run: parameters, per-step metrics, final AUCs and curve."""
+
+    def __init__(self, spark: SparkSession, cfg: Config, run: str, policy: str,
+                 model_uris: dict[str, str] | None = None):
+        from fastfill_udfs.policies import batching_from_config
+        from fastfill_udfs.tracking import backfill_mlflow_run
+
+        self.spark, self.cfg, self.run, self.policy = spark, cfg, run, policy
+        self.evaluator = RunEvaluator(spark, cfg, run)
+        paths = self.evaluator.paths
+        params = {
+            "policy": policy, "run": run, "dataset": cfg.get_path("data.dataset"),
+            **{f"model_{k}": v for k, v in (model_uris or {}).items()},
+            **{f"backfill_{k}": v for k, v in batching_from_config(cfg.get_path("backfill")).items()},
+            "n_gallery": len(self.evaluator.gallery), "n_queries": len(self.evaluator.queries.ids),
+            "gallery_table": paths.gallery, "query_features_table": paths.query_features,
+            "features_table": paths.gallery_features, "log_table": paths.backfill_log,
+            "plan_table": paths.backfill_plan,
+        }
+        self.run_id = backfill_mlflow_run(cfg, run, policy, params)
+
+    def catch_up(self) -> int:
+        """Evaluate and log every committed batch not yet logged; returns how many."""
+        from fastfill_udfs.tracking import log_step_metrics, logged_steps
+
+        done = logged_steps(self.run_id)
+        steps = run_log(self.spark, self.cfg, self.run)
+        todo = steps[~steps["batch_id"].isin(done)]
+        for row in todo.itertuples():
+            metrics = self.evaluator.evaluate_step(int(row.batch_id), int(row.table_version),
+                                                   int(row.n_backfilled))
+            if row.batch_id == 0:
+                metrics.update(self.evaluator.references)
+            log_step_metrics(self.run_id, metrics, step=int(row.batch_id))
+            log.info("evaluate %s step %d (t=%.3f): mAP %.4f top1 %.4f", self.run, row.batch_id,
+                     metrics["backfill_fraction"], metrics["mAP"], metrics["top1"])
+        return len(todo)
+
+    def on_committed(self, batch_id: int, version: int) -> None:
+        self.catch_up()
+
+    def finalize(self) -> dict | None:
+        """When every planned batch is committed and logged: log mAP_auc / top1_auc and the
+        curve (CSV + PNG). Returns the AUCs, or None while the run is incomplete."""
+        from mlflow.tracking import MlflowClient
+
+        from fastfill_udfs.reporting import plot_curves
+        from fastfill_udfs.spark.backfill import planned_batches
+        from fastfill_udfs.tracking import log_step_metrics
+
+        client = MlflowClient()
+        curve = curve_from_history(client, self.run_id)
+        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
+        if len(curve) < n_planned + 1 or curve["backfill_fraction"].isna().any():
+            log.info("evaluate %s: %d of %d steps logged; AUCs once the run completes",
+                     self.run, len(curve), n_planned + 1)
+            return None
+        aucs = {f"{m}_auc": curve_auc(curve["backfill_fraction"], curve[m]) for m in ("mAP", "top1")}
+        log_step_metrics(self.run_id, aucs, step=n_planned)
+        with tempfile.TemporaryDirectory() as tmp:
+            csv, png = Path(tmp) / "curve.csv", Path(tmp) / "curve.png"
+            curve.to_csv(csv, index=False)
+            plot_curves(curve.assign(policy=self.policy), png,
+                        references={"new/new": {m: self.evaluator.references[f"new_new_{m}"]
+                                                for m in ("mAP", "top1")}},
+                        title=f"{self.run}: retrieval vs backfill fraction")
+            client.log_artifact(self.run_id, str(csv))
+            client.log_artifact(self.run_id, str(png))
+        log.info("evaluate %s: mAP AUC %.4f, top-1 AUC %.4f", self.run, aucs["mAP_auc"],
+                 aucs["top1_auc"])
+        return aucs

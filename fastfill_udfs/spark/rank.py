@@ -1,0 +1,127 @@
+"""rank_gallery: score the gallery with `h` in a pandas/Arrow UDF, rank it by the policy with a
+distributed sort, cut it into batches, and write `backfill_plan`, the initial
+`gallery_features` (all transformed) and batch 0 of `backfill_log`."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from fastfill_udfs.config import Config
+from fastfill_udfs.models import Transformation
+from fastfill_udfs.policies import POLICIES, batching_from_config
+from fastfill_udfs.spark.delta_io import (is_delta_table, latest_version, read_table, table_paths,
+                                          write_quarantine, write_table)
+from fastfill_udfs.spark.udfs import ModelPayload, transform_fn
+from fastfill_udfs.spark.validation import (check_embedding_dim, check_not_empty,
+                                            check_unique_ids, reconcile)
+
+log = logging.getLogger(__name__)
+LOG_SCHEMA = ("batch_id int, n_items long, table_version long, started_at timestamp, "
+              "finished_at timestamp")
+
+
+def batch_id_column(rank: Column, n_items: int, *, batch_size: int | None = None,
+                    num_batches: int | None = None) -> Column:
+    """1-based batch id of a 0-based rank, the same rule as `policies.batch_id_for_rank`."""
+    if (batch_size is None) == (num_batches is None):
+        raise ValueError("give exactly one of batch_size or num_batches")
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return (F.floor(rank / batch_size) + 1).cast("int")
+    if not 1 <= num_batches <= max(n_items, 1):
+        raise ValueError(f"num_batches must be in [1, {n_items}], got {num_batches}")
+    q, big = divmod(n_items, num_batches)
+    split = big * (q + 1)
+    return F.when(rank < split, F.floor(rank / (q + 1)) + 1).otherwise(
+        F.floor((rank - split) / max(q, 1)) + big + 1).cast("int")
+
+
+def assign_ranks(scored: DataFrame) -> DataFrame:
+    """Add `rank` (0 = highest score; ties by id) with a distributed sort: each sorted partition
+    counts its rows, the driver turns the (few) counts into offsets, and rank = offset +
+    position in partition. Nothing but one count per partition reaches the driver."""
+    ordered = (scored.orderBy(F.desc("score"), F.asc("id"))
+               .withColumn("_part", F.spark_partition_id())
+               .withColumn("_mid", F.monotonically_increasing_id())
+               .persist(StorageLevel.MEMORY_AND_DISK))
+    counts = sorted((r["_part"], r["count"]) for r in ordered.groupBy("_part").count().collect())
+    offsets, total = [], 0
+    for part, count in counts:
+        offsets.append((part, total))
+        total += count
+    offset_df = scored.sparkSession.createDataFrame(offsets, "_part int, _offset long")
+    # monotonically_increasing_id = partition index << 33 | position in partition
+    position = F.col("_mid") - F.shiftleft(F.col("_part").cast("long"), 33)
+    return (ordered.join(F.broadcast(offset_df), "_part")
+            .withColumn("rank", F.col("_offset") + position)
+            .drop("_part", "_mid", "_offset"))
+
+
+def is_ranked(spark: SparkSession, cfg: Config, run: str) -> bool:
+    """True when batch 0 of `run` is committed in backfill_log (ranking finished)."""
+    path = table_paths(cfg, run).backfill_log
+    return is_delta_table(spark, path) and read_table(spark, path).where("batch_id = 0").count() > 0
+
+
+def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: str, run: str,
+                 *, force: bool = False) -> dict:
+    """Rank the gallery for `run` by `policy` ("uncertainty" | "random").
+
+    Skips when the run is already ranked (unless `force`). Raises ValueError for an unknown
+    policy, `uncertainty` with an `h` lacking an uncertainty head, an empty gallery, duplicate
+    ids or a gallery whose embeddings do not fit `h`. Rows with null / wrong-size / NaN
+    embeddings are quarantined with the reason; counts reconcile."""
+    if policy not in POLICIES:
+        raise ValueError(f"backfill.policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "oracle":
+        raise ValueError("policy 'oracle' needs the new model's embeddings of the whole gallery; "
+                         "it is an analysis ceiling (see pipelines/run_study.py), not a plan")
+    if policy == "uncertainty" and not h.has_uncertainty:
+        raise ValueError("policy 'uncertainty' needs an h trained with the fastfill objective "
+                         "(this h has no uncertainty head)")
+    paths = table_paths(cfg, run)
+    if not force and is_ranked(spark, cfg, run):
+        log.info("rank %s: already ranked (batch 0 in %s); skipping", run, paths.backfill_log)
+        return {"skipped": True}
+    started = datetime.now(timezone.utc)
+    gallery = read_table(spark, paths.gallery).select("id", "old_embedding")
+    n_gallery = check_not_empty(gallery, f"gallery table {paths.gallery}")
+    check_unique_ids(gallery, f"gallery table {paths.gallery}")
+    check_embedding_dim(gallery, "old_embedding", h.old_dim, f"gallery table {paths.gallery}", "h")
+
+    payload = spark.sparkContext.broadcast(ModelPayload.from_model(h))
+    scored = gallery.mapInArrow(
+        transform_fn(payload, h.old_dim, ["id"], policy=policy, seed=cfg.get_path("seed")),
+        "id string, transformed array<float>, sigma double, score double, reason string",
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    n_quarantined = write_quarantine(spark, paths.quarantine,
+                                     scored.where("reason IS NOT NULL"), stage="rank", run=run)
+    good = scored.where("reason IS NULL")
+    n_items = n_gallery - n_quarantined
+    batching = batching_from_config(cfg.get_path("backfill"))
+    plan = (assign_ranks(good.select("id", "score"))
+            .withColumn("batch_id", batch_id_column(F.col("rank"), n_items, **batching)))
+    write_table(plan.select("id", "score", "rank", "batch_id"), paths.backfill_plan,
+                partition_by=["batch_id"])
+    write_table(good.select("id", F.col("transformed").alias("embedding"),
+                            F.lit("transformed").alias("source"),
+                            F.lit(None).cast("int").alias("batch_id"),
+                            F.current_timestamp().alias("updated_at")),
+                paths.gallery_features)
+    scored.unpersist()
+    counts = {"gallery": n_gallery, "quarantine": n_quarantined,
+              "backfill_plan": read_table(spark, paths.backfill_plan).count(),
+              "gallery_features": read_table(spark, paths.gallery_features).count()}
+    reconcile(counts, [("gallery", "backfill_plan+quarantine"),
+                       ("backfill_plan", "gallery_features")])
+    version = latest_version(spark, paths.gallery_features)
+    log_row = spark.createDataFrame(
+        [(0, counts["gallery_features"], version, started, datetime.now(timezone.utc))], LOG_SCHEMA)
+    write_table(log_row, paths.backfill_log)  # the commit marker: ranking is done
+    log.info("rank %s (%s): %s; gallery_features version %d", run, policy, counts, version)
+    return {"skipped": False, **counts, "table_version": version}
