@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from fastfill_udfs.config import Config
+from fastfill_udfs.subgroups import subgroup_report
 from fastfill_udfs.tracking import RUN_TAG, configure_mlflow
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,14 @@ def compare_runs(cfg: Config, run_prefix: str | None = None,
                            not c.startswith(("top1_gap", "top1_shortfall")))
     if subgroup_cols:
         plot_subgroup_curves(long, subgroup_cols, out_dir / "subgroups.png")
+        minority = cfg.get_path("data.subgroups.minority_name")
+        if f"top1_shortfall_{minority}" in long.columns:
+            share_key = f"{minority}_share_first_10pct"
+            shares = {r: float(g[share_key].dropna().iloc[0]) for r, g in long.groupby("run")
+                      if share_key in g and g[share_key].notna().any()}
+            report = subgroup_report(long, minority, shares)
+            report.to_csv(out_dir / "subgroups.csv", index=False)
+            (out_dir / "subgroups.md").write_text(markdown_table(report) + "\n")
     return table, png
 
 

@@ -21,6 +21,7 @@ from fastfill_udfs.config import Config
 from fastfill_udfs.faiss_index import ShardedGalleryIndex
 from fastfill_udfs.metrics import retrieval_metrics
 from fastfill_udfs.simulate import curve_auc
+from fastfill_udfs.subgroups import combine_metrics, subgroup_metrics
 from fastfill_udfs.spark.delta_io import read_table, table_paths
 
 log = logging.getLogger(__name__)
@@ -64,23 +65,23 @@ class RunEvaluator:
         self.subgroup_names = sorted(set(self.queries.subgroups) - {""})
         self.references = self._new_new_reference()
 
-    def _metrics(self, gallery_ids, gallery_vectors, gallery_labels, query_mask=None) -> dict:
-        q = self.queries
-        sel = slice(None) if query_mask is None else query_mask
-        return retrieval_metrics(q.embeddings[sel], q.labels[sel], gallery_vectors, gallery_labels,
-                                 query_ids=q.ids[sel], gallery_ids=gallery_ids, topk=self.topk,
-                                 block_size=self.cfg.get_path("evaluation.query_block_size"))
-
     def _new_new_reference(self) -> dict:
         """new/new: the query features as the gallery (queries = gallery items here)."""
         q = self.queries
         return {f"new_new_{k}": v for k, v in self._scored(q.ids, q.embeddings, q.labels).items()}
 
     def _scored(self, gallery_ids, vectors, gallery_labels) -> dict:
-        overall = self._metrics(gallery_ids, vectors, gallery_labels)
+        q = self.queries
+        kwargs = dict(query_ids=q.ids, gallery_ids=gallery_ids, topk=self.topk,
+                      block_size=self.cfg.get_path("evaluation.query_block_size"))
+        per_group = subgroup_metrics(q.embeddings, q.labels, q.subgroups, vectors, gallery_labels,
+                                     **kwargs)
+        if per_group and (q.subgroups != "").all():
+            overall = combine_metrics(per_group.values())  # subgroups partition the queries
+        else:
+            overall = retrieval_metrics(q.embeddings, q.labels, vectors, gallery_labels, **kwargs)
         out = {m: overall[m] for m in CURVE_METRICS if m in overall}
-        for name in self.subgroup_names:
-            sub = self._metrics(gallery_ids, vectors, gallery_labels, self.queries.subgroups == name)
+        for name, sub in per_group.items():
             out[f"mAP_{name}"], out[f"top1_{name}"] = sub["mAP"], sub["top1"]
         return out
 
@@ -153,6 +154,23 @@ class BackfillTracker:
             "plan_table": paths.backfill_plan,
         }
         self.run_id = backfill_mlflow_run(cfg, run, policy, params)
+        self._log_minority_share()
+
+    def _log_minority_share(self, fraction: float = 0.1) -> None:
+        """Log the minority subgroup's share of the first `fraction` of the backfill order."""
+        from fastfill_udfs.tracking import log_step_metrics, logged_steps
+
+        minority = self.cfg.get_path("data.subgroups.minority_name")
+        key = f"{minority}_share_first_10pct"
+        if minority not in self.evaluator.subgroup_names or logged_steps(self.run_id, key):
+            return
+        paths = self.evaluator.paths
+        plan = read_table(self.spark, paths.backfill_plan)
+        n = plan.count()
+        head = plan.where(F.col("rank") < max(1, round(fraction * n))).join(
+            read_table(self.spark, paths.gallery).select("id", "subgroup"), "id")
+        row = head.agg(F.avg((F.col("subgroup") == minority).cast("double")).alias("share")).first()
+        log_step_metrics(self.run_id, {key: row["share"]}, step=0)
 
     def catch_up(self) -> int:
         """Evaluate and log every committed batch not yet logged; returns how many."""
@@ -184,6 +202,9 @@ class BackfillTracker:
         from fastfill_udfs.tracking import log_step_metrics
 
         client = MlflowClient()
+        logged = client.get_run(self.run_id).data.metrics
+        if "mAP_auc" in logged and "top1_auc" in logged:  # already final: rerun changes nothing
+            return {"mAP_auc": logged["mAP_auc"], "top1_auc": logged["top1_auc"]}
         curve = curve_from_history(client, self.run_id)
         n_planned = len(planned_batches(self.spark, self.cfg, self.run))
         if len(curve) < n_planned + 1 or curve["backfill_fraction"].isna().any():
