@@ -99,7 +99,7 @@ MODEL_KINDS = {"embedding_cnn": EmbeddingCNN, "transformation": Transformation}
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """The JSON-able spec from which `build_model` recreates `model`'s architecture."""
     if isinstance(model, EmbeddingCNN):
-        channels = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)][::2]
+        channels = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
         first = next(m for m in model.features if isinstance(m, nn.Conv2d))
         return {"kind": "embedding_cnn", "params": {
             "channels": channels, "embedding_dim": model.embedding_dim,
