@@ -1,0 +1,176 @@
+"""Plots and tables for the study and the backfill runs: pure functions from DataFrames to files
+(matplotlib on the non-interactive Agg backend, so they run on a headless driver or worker)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+# Fixed colours and labels so every plot of the project reads the same.
+POLICY_STYLE = {
+    "fct_random": ("FCT, random order", "tab:gray", "--"),
+    "fastfill_random": ("FastFill, random order", "tab:blue", "-."),
+    "fastfill_uncertainty": ("FastFill, uncertainty order", "tab:red", "-"),
+    "fastfill_oracle": ("FastFill, oracle order (ceiling)", "tab:green", ":"),
+    "random": ("random order", "tab:gray", "--"),
+    "uncertainty": ("uncertainty order", "tab:red", "-"),
+    "oracle": ("oracle order (ceiling)", "tab:green", ":"),
+}
+REFERENCE_STYLE = {"old/old": "black", "new/new": "tab:purple"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} lacks column(s) {missing}; has {list(df.columns)}")
+
+
+def _prepare(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def plot_curves(curves_df: pd.DataFrame, path: str | Path, metric: str = "mAP",
+                references: pd.DataFrame | Mapping[str, Mapping[str, float]] | None = None,
+                title: str = "Backfilling curves", second_metric: str | None = "top1",
+                policy_column: str = "policy") -> Path:
+    """Plot metric vs backfill_fraction, one line per policy, to `path` (PNG by extension).
+
+    `curves_df`: long table with `policy_column`, `backfill_fraction`, `metric` (and
+    `second_metric`, drawn in a second panel to the right when present). `references`: either a
+    DataFrame with a `setting` column and metric columns (rows "old/old", "new/new" are drawn) or
+    a mapping setting -> {metric: value}; drawn as dashed horizontal lines. Returns the path."""
+    _require_columns(curves_df, [policy_column, "backfill_fraction", metric], "curves_df")
+    metrics = [metric]
+    if second_metric and second_metric in curves_df.columns and second_metric != metric:
+        metrics.append(second_metric)
+    refs = _reference_values(references)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for policy, group in curves_df.groupby(policy_column, sort=False):
+            group = group.sort_values("backfill_fraction")
+            label, color, style = POLICY_STYLE.get(str(policy), (str(policy), None, "-"))
+            ax.plot(group["backfill_fraction"], group[m], linestyle=style, color=color,
+                    label=label, linewidth=1.8)
+        for setting, values in refs.items():
+            if m in values and values[m] is not None and math.isfinite(values[m]):
+                ax.axhline(values[m], color=REFERENCE_STYLE.get(setting, "tab:brown"),
+                           linestyle=(0, (4, 3)), linewidth=1.0, alpha=0.8,
+                           label=f"{setting} ({values[m]:.3f})")
+        ax.set_xlabel("backfill fraction t (share of gallery re-embedded by the new model)")
+        ax.set_ylabel(m)
+        ax.set_xlim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{m} vs backfill fraction")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = _prepare(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _reference_values(references) -> dict[str, dict[str, float]]:
+    if references is None:
+        return {}
+    if isinstance(references, pd.DataFrame):
+        _require_columns(references, ["setting"], "references")
+        rows = references[references["setting"].isin(list(REFERENCE_STYLE))]
+        return {r["setting"]: {k: float(v) for k, v in r.items()
+                               if k != "setting" and _is_number(v)}
+                for r in rows.to_dict("records")}
+    return {str(k): {m: float(v) for m, v in vals.items()} for k, vals in references.items()}
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, bool)
+
+
+def plot_loss_curves(histories: Mapping[str, object], path: str | Path,
+                     title: str = "Training loss per epoch") -> Path:
+    """One panel per model: mean training loss vs epoch. `histories` maps a model name
+    ("old", "new", "h_fastfill", ...) to a `training.History` (or anything with a `loss`
+    list). Each panel has its own y scale (the objectives differ in scale; the FastFill loss
+    can go negative). Returns the path."""
+    if not histories:
+        raise ValueError("histories is empty: nothing to plot")
+    plt = _pyplot()
+    n = len(histories)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, hist) in zip(axes.flat, histories.items()):
+        loss = list(getattr(hist, "loss", hist))
+        ax.plot(range(1, len(loss) + 1), loss, marker="o" if len(loss) <= 20 else None,
+                markersize=3, color="tab:blue")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = _prepare(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _format_cell(value, floatfmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return format(value, floatfmt)
+    try:  # numpy scalars
+        import numpy as np
+
+        if isinstance(value, np.floating):
+            return "" if np.isnan(value) else format(float(value), floatfmt)
+        if isinstance(value, np.integer):
+            return str(int(value))
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f", index: bool = False) -> str:
+    """A GitHub-flavoured markdown table of `df` (floats formatted with `floatfmt`, numeric
+    columns right-aligned). No third-party formatter needed."""
+    frame = df.reset_index() if index else df
+    headers = [str(c) for c in frame.columns]
+    body = [[_format_cell(v, floatfmt) for v in row]
+            for row in frame.itertuples(index=False, name=None)]
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+               for c in frame.columns]
+    widths = [max([len(h)] + [len(r[i]) for r in body] + [3]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                          for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in body])

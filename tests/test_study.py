@@ -1,0 +1,121 @@
+"""The study job end to end on a tiny real Fashion-MNIST subset (1 epoch, tiny widths), and the
+report helpers."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fastfill_udfs.config import load_config
+from fastfill_udfs.data import DEFAULT_FASHION_MNIST_ROOT
+from fastfill_udfs.reporting import markdown_table, plot_curves, plot_loss_curves
+from fastfill_udfs.training import History
+
+FMNIST_INSTALLED = (Path(DEFAULT_FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").is_file()
+STUDY_FILES = ("references.csv", "summary.csv", "curves.csv", "study.md", "curves.png",
+               "loss_curves.png")
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    return load_config(["conf/test.yaml"], [
+        f"paths.warehouse={tmp_path / 'warehouse'}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        f"paths.models={tmp_path / 'models'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "data.train_limit=600", "data.test_limit=200",
+        "models.old.channels=[4, 8]", "models.old.embedding_dim=16",
+        "models.new.channels=[4, 8]", "models.new.embedding_dim=24",
+        "transformation.hidden_dim=32", "transformation.epochs=2",
+        "transformation.batch_size=128", "backfill.batch_size=50",
+    ])
+
+
+@pytest.mark.skipif(not FMNIST_INSTALLED, reason=f"Fashion-MNIST not installed at "
+                    f"{DEFAULT_FASHION_MNIST_ROOT} (sudo apt-get install dataset-fashion-mnist)")
+def test_run_study_job_writes_files_manifest_and_mlflow_run(tiny_config, capsys):
+    import mlflow
+
+    from fastfill_udfs.model_manifest import read_manifest
+    from fastfill_udfs.model_store import load_model
+    from fastfill_udfs.models import EmbeddingCNN, Transformation
+    from fastfill_udfs.study_job import run_study_job
+
+    result = run_study_job(tiny_config)
+
+    out = Path(tiny_config.resolve_path("paths.outputs")) / "study"
+    for name in STUDY_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.policy) == ["fct_random", "fastfill_random", "fastfill_uncertainty",
+                                    "fastfill_oracle"]
+    assert summary[["mAP_auc", "top1_auc"]].apply(np.isfinite).all().all()
+    refs = pd.read_csv(out / "references.csv")
+    assert {"old/old", "new/new"} <= set(refs.setting)
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 4 * (200 // 50 + 1)            # t = 0 plus one row per batch
+    md = (out / "study.md").read_text()
+    assert "FastFill-uncertainty vs FCT-random" in md and "| FCT-random" in md
+    printed = capsys.readouterr().out
+    assert "FastFill-uncertainty vs FCT-random:" in printed and "mAP AUC points" in printed
+    assert result["gain_mAP_auc_points"] == pytest.approx(
+        100 * (summary.set_index("policy").mAP_auc["fastfill_uncertainty"]
+               - summary.set_index("policy").mAP_auc["fct_random"]))
+
+    manifest = read_manifest(tiny_config)
+    assert set(manifest["models"]) == {"old", "new", "h_fastfill", "h_fct"}
+    assert manifest["mlflow_run_id"] == result["run_id"]
+
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.run_name == "study" and run.data.tags["fastfill.kind"] == "study"
+    assert run.data.params["dataset"] == "fashion_mnist"
+    assert run.data.params["train_limit"] == "600" and run.data.params["h_hidden_dim"] == "32"
+    metrics = run.data.metrics
+    for key in ("fct_random_mAP_auc", "fastfill_uncertainty_mAP_auc", "fastfill_oracle_top1_auc",
+                "old_old_mAP", "new_new_mAP", "t0_h_fastfill_mAP", "t0_h_fct_mAP",
+                "gain_uncertainty_vs_fct_random_mAP_auc_points"):
+        assert key in metrics, key
+    client = mlflow.MlflowClient()
+    loss = client.get_metric_history(result["run_id"], "loss_h_fastfill")
+    assert [m.step for m in loss] == [1, 2]
+    for name in ("loss_old", "loss_new", "loss_h_fct"):
+        assert client.get_metric_history(result["run_id"], name), name
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"], "study")}
+    assert {f"study/{n}" for n in STUDY_FILES} <= artifacts
+
+    h = load_model(manifest["models"]["h_fastfill"])
+    assert isinstance(h, Transformation) and h.has_uncertainty
+    assert (h.old_dim, h.new_dim) == (16, 24)
+    assert isinstance(load_model(manifest["models"]["new"]), EmbeddingCNN)
+
+
+def test_markdown_table_formats_floats_and_aligns():
+    df = pd.DataFrame({"policy": ["a", "long|name"], "mAP": [0.123456, float("nan")],
+                       "n": [3, 10]})
+    text = markdown_table(df, floatfmt=".3f")
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("| policy") and "mAP" in lines[0]
+    assert set(lines[1]) <= {"|", "-", ":"} and lines[1].count(":") == 2   # numeric: right
+    assert "0.123" in lines[2] and "0.1234" not in lines[2]
+    assert "long\\|name" in lines[3]
+    assert len({len(line) for line in lines}) == 1                         # columns line up
+
+
+def test_plots_write_png(tmp_path):
+    curves = pd.DataFrame({
+        "policy": ["fct_random"] * 3 + ["fastfill_uncertainty"] * 3,
+        "backfill_fraction": [0.0, 0.5, 1.0] * 2,
+        "mAP": [0.5, 0.6, 0.7, 0.55, 0.68, 0.7], "top1": [0.6, 0.7, 0.8, 0.65, 0.78, 0.8]})
+    refs = pd.DataFrame({"setting": ["old/old", "new/new"], "mAP": [0.4, 0.7],
+                         "top1": [0.5, 0.8]})
+    path = plot_curves(curves, tmp_path / "sub" / "c.png", references=refs)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    loss = plot_loss_curves({"old": History([1.0, 0.5]), "h_fastfill": History([0.2, -0.1])},
+                            tmp_path / "l.png")
+    assert loss.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="lacks column"):
+        plot_curves(curves.drop(columns="mAP"), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="empty"):
+        plot_loss_curves({}, tmp_path / "y.png")

@@ -1,0 +1,128 @@
+"""Training h on tiny synthetic problems: FCT fits a linear map, FastFill's uncertainty finds
+the noisy items; the learning-rate schedule; input validation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastfill_udfs.training import (OBJECTIVES, cosine_with_warmup, images_to_tensor,
+                                    train_embedding_model, train_transformation, transform)
+
+
+def _linear_problem(n=768, old_dim=8, new_dim=12, seed=0):
+    rng = np.random.default_rng(seed)
+    old = rng.standard_normal((n, old_dim)).astype(np.float32)
+    a = rng.standard_normal((new_dim, old_dim)).astype(np.float32) / math.sqrt(old_dim)
+    return old, (old @ a.T).astype(np.float32) * 5.0, rng
+
+
+def test_fct_loss_decreases_and_h_fits_a_linear_map():
+    old, new, _ = _linear_problem()
+    h, hist = train_transformation(old, new, None, objective="fct", hidden_dim=64,
+                                   num_hidden_layers=1, epochs=25, batch_size=128, lr=5e-3,
+                                   warmup_epochs=1, seed=0)
+    assert not h.has_uncertainty
+    assert len(hist.loss) == 25
+    assert hist.loss[-1] < 0.2 * hist.loss[0]
+    pred, sigma = transform(h, old)
+    assert pred.shape == new.shape and pred.dtype == np.float32
+    assert np.allclose(sigma, 1.0)                     # no head: s = 0, sigma = 1
+    rel_err = np.sum((pred - new) ** 2) / np.sum(new ** 2)
+    assert rel_err < 0.05, rel_err                     # output back on the new model's scale
+    cos = np.sum(pred * new, 1) / np.linalg.norm(pred, axis=1) / np.linalg.norm(new, axis=1)
+    assert np.median(cos) > 0.97
+
+
+def test_fastfill_gives_larger_sigma_to_noisy_items():
+    old, new, rng = _linear_problem(n=1024)
+    noisy = old[:, 0] > 0.5                            # h can tell them apart from `old`
+    new = new + noisy[:, None] * rng.standard_normal(new.shape).astype(np.float32) * 15.0
+    torch.manual_seed(0)
+    classifier = nn.Linear(new.shape[1], 3)
+    with torch.no_grad():
+        labels = classifier(torch.from_numpy(new)).argmax(1).numpy()
+    h, hist = train_transformation(old, new, labels, objective="fastfill",
+                                   new_classifier=classifier, hidden_dim=64,
+                                   num_hidden_layers=1, epochs=40, batch_size=128, lr=5e-3,
+                                   warmup_epochs=1, seed=0)
+    assert h.has_uncertainty
+    assert hist.loss[-1] < hist.loss[0]
+    assert all(math.isfinite(v) for v in hist.loss)
+    # the frozen classifier was not trained
+    assert not any(p.requires_grad for p in classifier.parameters())
+    _, sigma = transform(h, old)
+    assert sigma.shape == (len(old),) and (sigma > 0).all()
+    # sigma^2 estimates the per-item loss: noisy items get clearly larger sigma (~1.5x here;
+    # seeds 0-2 give 1.3x-1.5x), and ordering by sigma puts them first (precision 0.91-0.93)
+    assert np.median(sigma[noisy]) > 1.25 * np.median(sigma[~noisy])
+    top = np.argsort(-sigma)[: int(noisy.sum())]
+    assert noisy[top].mean() > 0.85
+
+
+def test_training_is_seeded():
+    old, new, _ = _linear_problem(n=256)
+    kw = dict(objective="fct", hidden_dim=16, num_hidden_layers=1, epochs=2, batch_size=64)
+    h1, hist1 = train_transformation(old, new, None, seed=3, **kw)
+    h2, hist2 = train_transformation(old, new, None, seed=3, **kw)
+    assert hist1.loss == hist2.loss
+    assert np.array_equal(transform(h1, old)[0], transform(h2, old)[0])
+
+
+def test_cosine_with_warmup_values():
+    # warm-up: linear to 1 over 4 steps
+    assert [cosine_with_warmup(s, 12, 4) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert cosine_with_warmup(4, 12, 4) == pytest.approx(1.0)      # cosine starts at 1
+    assert cosine_with_warmup(8, 12, 4) == pytest.approx(0.5)      # halfway: cos(pi/2)
+    assert cosine_with_warmup(6, 12, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine_with_warmup(12, 12, 4) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_with_warmup(50, 12, 4) == pytest.approx(0.0, abs=1e-12)  # clamped after the end
+    assert cosine_with_warmup(0, 10, 0) == pytest.approx(1.0)      # no warm-up
+
+
+def test_objective_and_input_validation():
+    old, new, _ = _linear_problem(n=64)
+    assert OBJECTIVES == ("fastfill", "fct")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        train_transformation(old, new, None, objective="l2")
+    with pytest.raises(ValueError, match="needs labels and new_classifier"):
+        train_transformation(old, new, np.zeros(64, dtype=np.int64), objective="fastfill")
+    with pytest.raises(ValueError, match="needs labels and new_classifier"):
+        train_transformation(old, new, None, objective="fastfill",
+                             new_classifier=nn.Linear(12, 3))
+    with pytest.raises(ValueError, match="equal length"):
+        train_transformation(old, new[:10], None, objective="fct")
+    with pytest.raises(ValueError, match="equal length"):
+        train_transformation(old[:0], new[:0], None, objective="fct")
+    bad = new.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="new embeddings contain NaN"):
+        train_transformation(old, bad, None, objective="fct")
+
+
+def test_train_embedding_model_tiny_and_validation():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
+    labels = np.arange(64) % 2
+    images[labels == 1, :14] = 255                     # learnable: bright top half
+    model, hist = train_embedding_model(images, labels, num_classes=2, channels=[4],
+                                        embedding_dim=8, epochs=2, batch_size=16, lr=0.01,
+                                        seed=0)
+    assert len(hist.loss) == 2 and len(hist.accuracy) == 2
+    assert not model.training
+    assert model(images_to_tensor(images[:3]))[0].shape == (3, 8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        train_embedding_model(images, labels + 1, num_classes=2, channels=[4], embedding_dim=8,
+                              epochs=1, batch_size=16, lr=0.01, seed=0)
+    with pytest.raises(ValueError, match="equal length"):
+        train_embedding_model(images, labels[:5], num_classes=2, channels=[4], embedding_dim=8,
+                              epochs=1, batch_size=16, lr=0.01, seed=0)
+
+
+def test_images_to_tensor():
+    x = images_to_tensor(np.full((2, 4, 4), 255, dtype=np.uint8))
+    assert x.shape == (2, 1, 4, 4) and x.max().item() == 1.0
+    assert images_to_tensor(np.zeros((2, 4, 4, 3), dtype=np.uint8)).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="shape"):
+        images_to_tensor(np.zeros((4, 4), dtype=np.uint8))
