@@ -33,8 +33,13 @@ class TablePaths:
 
 def run_id_for(cfg: Config, policy: str | None = None) -> str:
     """The backfill run's name: `<run_name>_<policy>` (one run per policy when comparing)."""
+    import re
+
     policy = policy or cfg.get_path("backfill.policy")
-    return f"{cfg.get_path('run_name')}_{policy}"
+    run = f"{cfg.get_path('run_name')}_{policy}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", run):  # it names folders and SQL literals
+        raise ValueError(f"run_name must use letters, digits, '_', '-' or '.', got {run!r}")
+    return run
 
 
 def table_paths(cfg: Config, run: str | None = None) -> TablePaths:

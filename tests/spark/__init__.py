@@ -1,0 +1,1 @@
+"""Spark pipeline tests (share the expensive fixtures in conftest.py)."""
