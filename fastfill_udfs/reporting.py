@@ -19,6 +19,10 @@ POLICY_STYLE = {
     "oracle": ("oracle order (ceiling)", "tab:green", ":"),
 }
 REFERENCE_STYLE = {"old/old": "black", "new/new": "tab:purple"}
+LOSS_LABELS = {
+    "old": "cross-entropy", "new": "cross-entropy",
+    "h_fastfill": "FastFill loss (Gaussian NLL)", "h_fct": "FCT loss (L2, unit-RMS space)",
+}
 
 
 def _pyplot():
@@ -65,11 +69,19 @@ def plot_curves(curves_df: pd.DataFrame, path: str | Path, metric: str = "mAP",
             label, color, style = POLICY_STYLE.get(str(policy), (str(policy), None, "-"))
             ax.plot(group["backfill_fraction"], group[m], linestyle=style, color=color,
                     label=label, linewidth=1.8)
+        lo, hi = _axis_range(curves_df[m], refs, m)
         for setting, values in refs.items():
-            if m in values and values[m] is not None and math.isfinite(values[m]):
-                ax.axhline(values[m], color=REFERENCE_STYLE.get(setting, "tab:brown"),
-                           linestyle=(0, (4, 3)), linewidth=1.0, alpha=0.8,
-                           label=f"{setting} ({values[m]:.3f})")
+            value = values.get(m)
+            if value is None or not math.isfinite(value):
+                continue
+            color = REFERENCE_STYLE.get(setting, "tab:brown")
+            if lo <= value <= hi:
+                ax.axhline(value, color=color, linestyle=(0, (4, 3)), linewidth=1.0, alpha=0.8,
+                           label=f"{setting} ({value:.3f})")
+            else:  # far below the curves (old/old): name it rather than squash the curves
+                ax.plot([], [], color=color, linestyle=(0, (4, 3)), linewidth=1.0,
+                        label=f"{setting} ({value:.3f}, off scale)")
+        ax.set_ylim(lo, hi)
         ax.set_xlabel("backfill fraction t (share of gallery re-embedded by the new model)")
         ax.set_ylabel(m)
         ax.set_xlim(0.0, 1.0)
@@ -82,6 +94,21 @@ def plot_curves(curves_df: pd.DataFrame, path: str | Path, metric: str = "mAP",
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _axis_range(values: pd.Series, refs: Mapping[str, Mapping[str, float]], metric: str
+                ) -> tuple[float, float]:
+    """y-range around the curves, stretched to reference values that lie near them (new/new),
+    but not to one far below (old/old), which would flatten the differences between curves."""
+    lo, hi = float(values.min()), float(values.max())
+    span = max(hi - lo, 1e-3)
+    for vals in refs.values():
+        v = vals.get(metric)
+        if v is not None and math.isfinite(v) and lo - span <= v <= hi + span:
+            lo, hi = min(lo, v), max(hi, v)
+    pad = 0.08 * max(hi - lo, 1e-3)
+    # room at the bottom for the legend
+    return lo - 4 * pad, hi + pad
 
 
 def _reference_values(references) -> dict[str, dict[str, float]]:
@@ -118,12 +145,14 @@ def plot_loss_curves(histories: Mapping[str, object], path: str | Path,
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, (name, hist) in zip(axes.flat, histories.items()):
-        loss = list(getattr(hist, "loss", hist))
+        loss = [float(v) for v in getattr(hist, "loss", hist)]
         ax.plot(range(1, len(loss) + 1), loss, marker="o" if len(loss) <= 20 else None,
                 markersize=3, color="tab:blue")
+        if loss and min(loss) > 0 and max(loss) / min(loss) > 20:
+            ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(LOSS_LABELS.get(name, "loss"))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
