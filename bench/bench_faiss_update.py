@@ -1,7 +1,7 @@
 """Full rebuild vs incremental upsert of a backfill batch in ShardedGalleryIndex (no asserts).
 
     .venv/bin/python bench/bench_faiss_update.py [--n 1000000] [--dim 64] [--batch-frac 0.01]
-        [--shards 4] [--repeats 3] [--threads 0] [--per-key-sample 5]
+        [--shards 4] [--repeats 3] [--threads 0] [--per-key-sample 5] [--out FILE]
 
 Data: a synthetic n x dim Gaussian gallery under keys 0..n-1. Each repeat draws a batch of
 batch-frac * n existing keys with fresh vectors (what a backfill batch does) and times, in the
@@ -14,7 +14,8 @@ same run and on the same index size:
 * remove per key (extrapolated): one ``IndexIDMap2.remove_ids`` call per key, timed on
   --per-key-sample keys and scaled to the batch size (0 skips it).
 
-Prints the medians, the ratios rebuild/upsert (target >= 5x) and one markdown table row.
+Prints the medians, the ratios rebuild/upsert (target >= 5x) and one markdown table row; with
+--out also a JSON file (a bare name lands in bench/results/).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastfill_udfs.faiss_index import ShardedGalleryIndex  # noqa: E402
 
 
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--per-key-sample", type=int, default=5,
                     help="keys timed for the one-remove_ids-per-key variant (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON results (e.g. faiss_update.json)")
     args = ap.parse_args()
     if args.batch_frac > 1:
         ap.error(f"--batch-frac must be in (0, 1], got {args.batch_frac}")
@@ -115,6 +118,21 @@ def main() -> None:
     print(f"| {n} | {dim} | {args.shards} | {batch} | {med['rebuild']:.4f} | {med['inplace']:.4f} | "
           f"{med['rebuild'] / med['inplace']:.1f}x | {med['remove_add']:.4f} | "
           f"{med['rebuild'] / med['remove_add']:.1f}x |")
+    if args.out:
+        from _common import machine_info, write_json
+
+        path = write_json(args.out, {
+            "benchmark": "faiss ShardedGalleryIndex: full rebuild vs incremental upsert",
+            "command": ".venv/bin/python bench/bench_faiss_update.py " + " ".join(sys.argv[1:]),
+            "machine": machine_info(), "settings": vars(args), "batch": batch,
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "median_s": med, "runs_s": {"rebuild": rebuild, "inplace": inplace,
+                                        "remove_add": remove_add},
+            "remove_per_key_extrapolated_s": per_key,
+            "rebuild_over_inplace": med["rebuild"] / med["inplace"],
+            "rebuild_over_remove_add": med["rebuild"] / med["remove_add"],
+            "target_ratio": 5.0, "target_met": bool(ok)})
+        print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Timing of the exact retrieval metrics vs a per-query sklearn loop (manual check, no asserts).
 
-    .venv/bin/python bench/bench_metrics.py [--n 10000] [--dim 128] [--subset 200]
+    .venv/bin/python bench/bench_metrics.py [--n 10000] [--dim 128] [--subset 200] [--out FILE]
 
 Data: n items in 10 Gaussian classes, queries = gallery, leave-one-out. Prints the best of
 --repeat runs of retrieval_metrics (float64 and float32), faiss search + ranked_metrics, and a
 per-query sklearn.metrics.average_precision_score loop on --subset queries extrapolated to n,
-plus the agreement of the two on that subset.
+plus the agreement of the two on that subset. With --out, the figures also go to a JSON file
+(a bare name lands in bench/results/).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastfill_udfs.metrics import ranked_metrics, retrieval_metrics  # noqa: E402
 
 
@@ -35,7 +37,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--subset", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=None, help="JSON results (e.g. metrics.json)")
     args = ap.parse_args()
+    result = {"benchmark": "exact retrieval metrics vs per-query sklearn loop",
+              "command": ".venv/bin/python bench/bench_metrics.py " + " ".join(sys.argv[1:]),
+              "settings": vars(args)}
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, args.n)
@@ -67,6 +73,7 @@ def main() -> None:
         n_rel = np.bincount(labels)[labels] - 1
         t_rank, rr = best_of(lambda: ranked_metrics(d, match, n_rel, valid=valid), 1)
         print(f"faiss search (k=n): {t_search:6.2f} s + ranked_metrics {t_rank:6.2f} s  {rr}")
+        result.update(faiss_search_s=t_search, ranked_metrics_s=t_rank)
 
     from sklearn.metrics import average_precision_score
     sub = np.sort(rng.choice(args.n, args.subset, replace=False))
@@ -84,6 +91,15 @@ def main() -> None:
           f"subset mAP sklearn {np.mean(aps):.9f} vs ours {ours['mAP']:.9f} "
           f"(|diff| {abs(np.mean(aps) - ours['mAP']):.1e})")
     print(f"speed-up vs sklearn: float64 {t_sk / t64:.0f}x, float32 {t_sk / t32:.0f}x")
+    if args.out:
+        from _common import machine_info, write_json
+
+        result.update(machine=machine_info(), ours_float64_s=t64, ours_float32_s=t32,
+                      sklearn_extrapolated_s=t_sk, speedup_float64=t_sk / t64,
+                      speedup_float32=t_sk / t32, subset=args.subset,
+                      subset_abs_diff=float(abs(np.mean(aps) - ours["mAP"])),
+                      mAP=float(r64["mAP"]))
+        print(f"results: {write_json(args.out, result)}")
 
 
 if __name__ == "__main__":
