@@ -19,7 +19,7 @@ def run_demo(cfg: Config, *, master: str | None = None, skip_study: bool = False
     from fastfill_udfs.reporting import markdown_table
     from fastfill_udfs.spark.jobs import backfill_job, ingest_job, rank_job
     from fastfill_udfs.study_job import run_study_job
-    from fastfill_udfs.tracking import resolve_tracking_uri
+    from fastfill_udfs.tracking import tracking_uri_for
 
     start, timings = time.monotonic(), {}
 
@@ -39,7 +39,7 @@ def run_demo(cfg: Config, *, master: str | None = None, skip_study: bool = False
         step(f"backfill + evaluate ({policy})", backfill_job, cfg, policy=policy, evaluate=True,
              master=master)
     table, png = step("compare", compare_runs, cfg, run_prefix=cfg.get_path("run_name"))
-    uri = resolve_tracking_uri(cfg.get_path("mlflow.tracking_uri"))
+    uri = tracking_uri_for(cfg)
     print("\nBackfill runs (Spark pipeline, MLflow):\n" + markdown_table(table))
     print(f"\ncomparison plot: {png}")
     print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")

@@ -25,15 +25,29 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def configure_mlflow(cfg: Config, experiment: str | None = None) -> str:
-    """Point MLflow at the configured tracking store and experiment; returns the experiment id.
+def tracking_uri_for(cfg: Config) -> str:
+    """The tracking URI a job uses: `MLFLOW_TRACKING_URI` from the environment (Databricks sets
+    it), else the config's `mlflow.tracking_uri` (a relative SQLite path is taken from the
+    project root)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(
+        cfg.get_path("mlflow.tracking_uri"))
 
-    `MLFLOW_TRACKING_URI` in the environment wins over the config (Databricks sets it)."""
+
+def configure_mlflow(cfg: Config, experiment: str | None = None) -> str:
+    """Point MLflow at the tracking store (`tracking_uri_for`) and experiment; returns its id.
+
+    The environment is left as it was: mlflow.set_tracking_uri copies the URI into
+    MLFLOW_TRACKING_URI, where it would pose as the user's setting and override the next
+    config's store in this process and in every subprocess started after it."""
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(
-        cfg.get_path("mlflow.tracking_uri"))
+    uri = tracking_uri_for(cfg)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     name = experiment or cfg.get_path("mlflow.experiment")
     found = mlflow.get_experiment_by_name(name)
     if found is None:

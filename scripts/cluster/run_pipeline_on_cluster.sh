@@ -38,6 +38,9 @@ STUDY_SETS=(
   --set transformation.batch_size=128
 )
 export MLFLOW_ENABLE_ASYNC_LOGGING=false
+# This run has its own MLflow database in WORKDIR (read back at step 6/6); an inherited
+# MLFLOW_TRACKING_URI would win over the config and send the runs elsewhere.
+unset MLFLOW_TRACKING_URI
 T0=$(date +%s)
 step() { clog "[$(( $(date +%s) - T0 )) s] $*"; }
 
