@@ -11,6 +11,16 @@ from fastfill_udfs.training import (OBJECTIVES, cosine_with_warmup, images_to_te
                                     train_embedding_model, train_transformation, transform)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: one thread is as fast, and far faster on a busy machine (idle
+    OpenMP threads spin while waiting for a core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _linear_problem(n=768, old_dim=8, new_dim=12, seed=0):
     rng = np.random.default_rng(seed)
     old = rng.standard_normal((n, old_dim)).astype(np.float32)
