@@ -180,7 +180,7 @@ def _instrument_rank() -> dict:
         setattr(rank_mod, name, timed_fn)
 
     for name in ("check_not_empty", "check_unique_ids", "check_embedding_dim", "write_quarantine",
-                 "assign_ranks", "write_table", "read_table", "latest_version", "is_ranked"):
+                 "write_table", "read_table", "latest_version", "is_ranked"):
         wrap(name)
     return steps
 

@@ -140,15 +140,26 @@ def _machine_line(m: dict | None) -> str:
             f"{m.get('date')}" + (f", load average {load[0]} at the start" if load else ""))
 
 
-def scoring_section(res: dict | None, mem: dict | None, rows: list) -> list[str]:
+def scoring_section(res: dict | None, mem: dict | None, rows: list,
+                    larger: dict | None = None) -> list[str]:
+    """`larger`: a separate run at bigger sizes (scoring_5m.json), appended to the size table."""
     out = ["## Uncertainty scoring and rank_gallery", ""]
     if not res:
         return out + ["No results yet: run `" + PY + " bench/bench_scoring.py`.", ""] \
             + memory_section(mem, rows)
-    return _scoring_body(res, rows, out) + memory_section(mem, rows)
+    return _scoring_body(res, rows, out, larger) + memory_section(mem, rows)
 
 
-def _scoring_body(res: dict, rows: list, out: list[str]) -> list[str]:
+def _size_row(r: dict, mark: str = "") -> str:
+    naive = f"{r['naive_over_torch']:.1f}x" if "naive_over_torch" in r else "-"
+    return (f"| {r['rows']:,}{mark} | {r['torch_rows_per_s']:,.0f} | {r['spark_rows_per_s']:,.0f} | "
+            f"{r['spark_over_torch']:.2f}x | {naive} | {r['rank_s']:.1f} | "
+            f"{r['rank_over_torch']:.2f}x | {r['python_peak_rss_mib']:.0f} | "
+            f"{r['jvm_peak_rss_mib'] or float('nan'):.0f} | "
+            f"{r.get('jvm_heap_live_after_gc_mib') or float('nan'):.0f} |")
+
+
+def _scoring_body(res: dict, rows: list, out: list[str], larger: dict | None = None) -> list[str]:
     s, st = res["summary"], res["settings"]
     h = res["sizes"][0]["h"]
     out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}; "
@@ -170,13 +181,13 @@ def _scoring_body(res: dict, rows: list, out: list[str]) -> list[str]:
             "rank_gallery s (d) | (d)/(a) | Python driver peak MiB | driver JVM peak MiB | "
             "JVM live heap after GC MiB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in s["per_size"]:
-        naive = f"{r['naive_over_torch']:.1f}x" if "naive_over_torch" in r else "-"
-        out.append(f"| {r['rows']:,} | {r['torch_rows_per_s']:,.0f} | {r['spark_rows_per_s']:,.0f} | "
-                   f"{r['spark_over_torch']:.2f}x | {naive} | {r['rank_s']:.1f} | "
-                   f"{r['rank_over_torch']:.2f}x | {r['python_peak_rss_mib']:.0f} | "
-                   f"{r['jvm_peak_rss_mib'] or float('nan'):.0f} | "
-                   f"{r.get('jvm_heap_live_after_gc_mib') or float('nan'):.0f} |")
+    out += [_size_row(r) for r in s["per_size"]]
+    if larger:
+        out += [_size_row(r, " *") for r in larger["summary"]["per_size"]]
+        lst = larger["settings"]
+        out += ["", f"\\* a separate run: `{larger['command']}` ({lst['repeats']} round(s) of (a) "
+                f"and (b), {lst.get('rank_repeats', 1)} rank_gallery run(s)); machine: "
+                f"{_machine_line(larger.get('machine'))}."]
     out.append("")
     biggest = max(res["sizes"], key=lambda x: x["rows"])
     steps = biggest.get("rank_steps_s") or {}
@@ -478,7 +489,8 @@ def findings_section(scoring: dict | None, batch: dict | None,
 def write_report(path: Path) -> str:
     rows: list = []
     body: list[str] = []
-    body += scoring_section(_load("scoring.json"), _load("scoring_memory_cluster.json"), rows)
+    body += scoring_section(_load("scoring.json"), _load("scoring_memory_cluster.json"), rows,
+                            _load("scoring_5m.json"))
     body += batch_section(_load("batch_cost.json"), rows)
     body += faiss_section(_load("faiss_update.json"), rows)
     body += metrics_section(_load("metrics.json"), rows)

@@ -77,11 +77,11 @@ def compare_runs(cfg: Config, run_prefix: str | None = None,
     long.to_csv(out_dir / "curves.csv", index=False)
     png = plot_curves(long, out_dir / "comparison.png", policy_column="run",
                       title="Backfill runs: retrieval vs backfill fraction")
-    subgroup_cols = sorted(c for c in long.columns if c.startswith("top1_") and
-                           not c.startswith(("top1_gap", "top1_shortfall")))
-    if subgroup_cols:
-        plot_subgroup_curves(long, subgroup_cols, out_dir / "subgroups.png")
+    subgroups = sorted(c[len("top1_shortfall_"):] for c in long.columns
+                       if c.startswith("top1_shortfall_"))
+    if subgroups:
         minority = cfg.get_path("data.subgroups.minority_name")
+        plot_subgroup_curves(long, subgroups, out_dir / "subgroups.png", minority=minority)
         if f"top1_shortfall_{minority}" in long.columns:
             share_key = f"{minority}_share_first_10pct"
             shares = {r: float(g[share_key].dropna().iloc[0]) for r, g in long.groupby("run")
@@ -92,23 +92,35 @@ def compare_runs(cfg: Config, run_prefix: str | None = None,
     return table, png
 
 
-def plot_subgroup_curves(long: pd.DataFrame, columns: list[str], path: Path) -> Path:
-    """Per-subgroup top-1 vs backfill fraction, one line per (run, subgroup)."""
+def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
+                         minority: str | None = None) -> Path:
+    """Two panels against the backfill fraction: top-1 per subgroup, and each subgroup's top-1
+    shortfall against its own new/new level (the 1-point line marks "closed"). One colour per
+    run, solid for the minority, dashed for the others."""
     from fastfill_udfs.reporting import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run, group in long.groupby("run", sort=False):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, group) in enumerate(long.groupby("run", sort=False)):
         group = group.sort_values("backfill_fraction")
-        for col in columns:
-            style = "-" if group["policy"].iloc[0] == "uncertainty" else "--"
-            ax.plot(group["backfill_fraction"], group[col], linestyle=style,
-                    label=f"{run}: {col}")
-    ax.set_xlabel("backfill fraction t")
-    ax.set_ylabel("top-1 per subgroup")
-    ax.set_xlim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        for name in subgroups:
+            style = dict(color=colours[i % len(colours)],
+                         linestyle="-" if name == minority else "--",
+                         label=f"{run}: {name}")
+            axes[0].plot(group["backfill_fraction"], group[f"top1_{name}"], **style)
+            axes[1].plot(group["backfill_fraction"], 100 * group[f"top1_shortfall_{name}"],
+                         **style)
+    axes[1].axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="1 point")
+    axes[0].set_ylabel("top-1 per subgroup (queries of that subgroup)")
+    axes[1].set_ylabel("top-1 shortfall vs own new/new level (points)")
+    axes[0].set_title("top-1 per subgroup")
+    axes[1].set_title("shortfall against the new model")
+    for ax in axes:
+        ax.set_xlabel("backfill fraction t")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -106,12 +106,23 @@ class RunEvaluator:
         ids = self.gallery["id"].to_numpy(dtype=object)[keys]
         out = self._scored(ids, vectors, self.gallery["label"].to_numpy()[keys])
         out["backfill_fraction"] = n_backfilled / max(1, len(keys))
-        if len(self.subgroup_names) == 2:
-            a, b = self.subgroup_names
-            out["top1_gap"] = out[f"top1_{a}"] - out[f"top1_{b}"]
-        for name in self.subgroup_names:
-            out[f"top1_shortfall_{name}"] = self.references[f"new_new_top1_{name}"] - out[f"top1_{name}"]
+        pair = self._gap_pair()
+        for metric in ("top1", "mAP"):
+            if pair:
+                out[f"{metric}_gap"] = out[f"{metric}_{pair[0]}"] - out[f"{metric}_{pair[1]}"]
+            for name in self.subgroup_names:  # against the subgroup's own new/new level
+                out[f"{metric}_shortfall_{name}"] = (self.references[f"new_new_{metric}_{name}"]
+                                                     - out[f"{metric}_{name}"])
         return out
+
+    def _gap_pair(self) -> tuple[str, str] | None:
+        """(majority, minority) as named in data.subgroups when both occur, else the two
+        subgroups in name order; None unless there are exactly two."""
+        if len(self.subgroup_names) != 2:
+            return None
+        sub = self.cfg.get_path("data.subgroups")
+        named = (sub["majority_name"], sub["minority_name"])
+        return named if set(named) == set(self.subgroup_names) else tuple(self.subgroup_names)
 
 
 def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:

@@ -4,6 +4,8 @@ distributed sort, cut it into batches, and write `backfill_plan`, the initial
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from pyspark import StorageLevel
@@ -41,25 +43,32 @@ def batch_id_column(rank: Column, n_items: int, *, batch_size: int | None = None
         F.floor((rank - split) / max(q, 1)) + big + 1).cast("int")
 
 
-def assign_ranks(scored: DataFrame) -> DataFrame:
-    """Add `rank` (0 = highest score; ties by id) with a distributed sort: each sorted partition
-    counts its rows, the driver turns the (few) counts into offsets, and rank = offset +
-    position in partition. Nothing but one count per partition reaches the driver."""
+@contextmanager
+def assign_ranks(scored: DataFrame) -> Iterator[DataFrame]:
+    """Context manager yielding `scored` with `rank` added (0 = highest score; ties by id), by a
+    distributed sort: each sorted partition counts its rows, the driver turns the (few) counts
+    into offsets, and rank = offset + position in partition. Nothing but one count per
+    partition reaches the driver. The sorted rows are cached while the block runs (both passes
+    must see the same partitioning) and released when it ends."""
     ordered = (scored.orderBy(F.desc("score"), F.asc("id"))
                .withColumn("_part", F.spark_partition_id())
                .withColumn("_mid", F.monotonically_increasing_id())
                .persist(StorageLevel.MEMORY_AND_DISK))
-    counts = sorted((r["_part"], r["count"]) for r in ordered.groupBy("_part").count().collect())
-    offsets, total = [], 0
-    for part, count in counts:
-        offsets.append((part, total))
-        total += count
-    offset_df = scored.sparkSession.createDataFrame(offsets, "_part int, _offset long")
-    # monotonically_increasing_id = partition index << 33 | position in partition
-    position = F.col("_mid") - F.shiftleft(F.col("_part").cast("long"), 33)
-    return (ordered.join(F.broadcast(offset_df), "_part")
-            .withColumn("rank", F.col("_offset") + position)
-            .drop("_part", "_mid", "_offset"))
+    try:
+        counts = sorted((r["_part"], r["count"])
+                        for r in ordered.groupBy("_part").count().collect())
+        offsets, total = [], 0
+        for part, count in counts:
+            offsets.append((part, total))
+            total += count
+        offset_df = scored.sparkSession.createDataFrame(offsets, "_part int, _offset long")
+        # monotonically_increasing_id = partition index << 33 | position in partition
+        position = F.col("_mid") - F.shiftleft(F.col("_part").cast("long"), 33)
+        yield (ordered.join(F.broadcast(offset_df), "_part")
+               .withColumn("rank", F.col("_offset") + position)
+               .drop("_part", "_mid", "_offset"))
+    finally:
+        ordered.unpersist()
 
 
 def is_ranked(spark: SparkSession, cfg: Config, run: str) -> bool:
@@ -99,21 +108,23 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
         transform_fn(payload, h.old_dim, ["id"], policy=policy, seed=cfg.get_path("seed")),
         "id string, transformed array<float>, sigma double, score double, reason string",
     ).persist(StorageLevel.MEMORY_AND_DISK)
-    n_quarantined = write_quarantine(spark, paths.quarantine,
-                                     scored.where("reason IS NOT NULL"), stage="rank", run=run)
-    good = scored.where("reason IS NULL")
-    n_items = n_gallery - n_quarantined
-    batching = batching_from_config(cfg.get_path("backfill"))
-    plan = (assign_ranks(good.select("id", "score"))
-            .withColumn("batch_id", batch_id_column(F.col("rank"), n_items, **batching)))
-    write_table(plan.select("id", "score", "rank", "batch_id"), paths.backfill_plan,
-                partition_by=["batch_id"])
-    write_table(good.select("id", F.col("transformed").alias("embedding"),
-                            F.lit("transformed").alias("source"),
-                            F.lit(None).cast("int").alias("batch_id"),
-                            F.current_timestamp().alias("updated_at")),
-                paths.gallery_features)
-    scored.unpersist()
+    try:
+        n_quarantined = write_quarantine(spark, paths.quarantine,
+                                         scored.where("reason IS NOT NULL"), stage="rank", run=run)
+        good = scored.where("reason IS NULL")
+        n_items = n_gallery - n_quarantined
+        batching = batching_from_config(cfg.get_path("backfill"))
+        with assign_ranks(good.select("id", "score")) as ranked:
+            plan = ranked.withColumn("batch_id", batch_id_column(F.col("rank"), n_items, **batching))
+            write_table(plan.select("id", "score", "rank", "batch_id"), paths.backfill_plan,
+                        partition_by=["batch_id"])
+        write_table(good.select("id", F.col("transformed").alias("embedding"),
+                                F.lit("transformed").alias("source"),
+                                F.lit(None).cast("int").alias("batch_id"),
+                                F.current_timestamp().alias("updated_at")),
+                    paths.gallery_features)
+    finally:
+        scored.unpersist()
     counts = {"gallery": n_gallery, "quarantine": n_quarantined,
               "backfill_plan": read_table(spark, paths.backfill_plan).count(),
               "gallery_features": read_table(spark, paths.gallery_features).count()}

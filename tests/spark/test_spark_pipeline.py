@@ -220,6 +220,25 @@ def test_logged_metrics_recompute_from_delta_time_travel(spark, e2e_run):
             assert curve["mAP_footwear"][step] == pytest.approx(sub["mAP"], abs=tol), (step, tol)
 
 
+def test_subgroup_gap_and_shortfall_are_logged_per_step(e2e_run):
+    """gap = majority minus minority (as named in data.subgroups); shortfall = a subgroup's own
+    new/new level minus its current value, for top1 and mAP, at every step."""
+    client = _client(e2e_run["cfg"])
+    run_id = e2e_run["backfilled"]["mlflow_run_id"]
+    for metric in ("top1", "mAP"):
+        value = {g: _single_valued(client, run_id, f"{metric}_{g}") for g in ("footwear", "rest")}
+        gap = _single_valued(client, run_id, f"{metric}_gap")
+        assert sorted(gap) == list(range(N_BATCHES + 1))
+        for step in gap:
+            assert gap[step] == pytest.approx(value["rest"][step] - value["footwear"][step],
+                                              abs=1e-12)
+        for g in ("footwear", "rest"):
+            level = _single_valued(client, run_id, f"new_new_{metric}_{g}")[0]
+            shortfall = _single_valued(client, run_id, f"{metric}_shortfall_{g}")
+            assert {s: level - value[g][s] for s in value[g]} == pytest.approx(shortfall,
+                                                                               abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- 4. rerun is a no-op
 def test_rerun_of_completed_run_changes_nothing(spark, e2e_run):
     from fastfill_udfs.spark.jobs import backfill_job, evaluate_job, rank_job

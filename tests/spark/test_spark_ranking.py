@@ -44,12 +44,20 @@ BATCHINGS = {"bs10": {"batch_size": 10}, "bs_all": {"batch_size": N},
              "nb1": {"num_batches": 1}}
 
 
+def _cached_plans(spark) -> int:
+    """How many DataFrames are cached in this session (the JVM CacheManager's entries)."""
+    return spark._jsparkSession.sharedState().cacheManager().numCachedEntries()
+
+
 def test_assign_ranks_and_batch_ids_match_policies(spark, scored, many_partitions):
     df, ids, scores = scored
-    ranked = assign_ranks(df)
-    for name, batching in BATCHINGS.items():
-        ranked = ranked.withColumn(name, batch_id_column(F.col("rank"), N, **batching))
-    pdf = ranked.withColumn("part", F.spark_partition_id()).toPandas()
+    cached_before = _cached_plans(spark)
+    with assign_ranks(df) as ranked:
+        for name, batching in BATCHINGS.items():
+            ranked = ranked.withColumn(name, batch_id_column(F.col("rank"), N, **batching))
+        pdf = ranked.withColumn("part", F.spark_partition_id()).toPandas()
+        assert _cached_plans(spark) == cached_before + 1   # the sorted rows, while in use
+    assert _cached_plans(spark) == cached_before            # ... released afterwards
     # several sorted partitions contributed rows: ranks were stitched from per-partition offsets
     assert pdf["part"].nunique() > 1
 
