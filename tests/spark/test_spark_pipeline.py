@@ -239,6 +239,36 @@ def test_subgroup_gap_and_shortfall_are_logged_per_step(e2e_run):
                                                                                abs=1e-12)
 
 
+def test_compare_writes_the_subgroup_report_from_the_logged_curves(spark, e2e_run, tmp_path):
+    from fastfill_udfs.compare import compare_runs
+    from fastfill_udfs.subgroups import fraction_to_close
+
+    cfg, run = e2e_run["cfg"], e2e_run["run"]
+    client = _client(cfg)
+    run_id = e2e_run["backfilled"]["mlflow_run_id"]
+    table, _ = compare_runs(cfg, run_prefix="e2e", out_dir=tmp_path)
+    assert (tmp_path / "subgroups.png").stat().st_size > 0
+    assert "footwear_share_first_10pct" in (tmp_path / "subgroups.md").read_text()
+    report = pd.read_csv(tmp_path / "subgroups.csv").set_index("run")
+    row = report.loc[run]
+    assert row["policy"] == "uncertainty"
+    fraction = _single_valued(client, run_id, "backfill_fraction")
+    shortfall = _single_valued(client, run_id, "top1_shortfall_footwear")
+    steps = sorted(fraction)
+    expected = fraction_to_close([fraction[s] for s in steps], [shortfall[s] for s in steps])
+    if expected is None:
+        assert pd.isna(row["fraction_to_close_1pt_top1"])
+    else:
+        assert row["fraction_to_close_1pt_top1"] == pytest.approx(expected)
+    # the minority's share of the first 10% of the plan, from the Delta tables
+    paths = table_paths(cfg, run)
+    plan = _plan(spark, paths).sort_values("rank")
+    subgroup = read_table(spark, paths.gallery).select("id", "subgroup").toPandas().set_index("id")
+    head = plan["id"].iloc[:max(1, round(0.1 * len(plan)))]
+    share = float((subgroup.loc[head, "subgroup"] == "footwear").mean())
+    assert row["footwear_share_first_10pct"] == pytest.approx(share)
+
+
 # ----------------------------------------------------------------------------- 4. rerun is a no-op
 def test_rerun_of_completed_run_changes_nothing(spark, e2e_run):
     from fastfill_udfs.spark.jobs import backfill_job, evaluate_job, rank_job
