@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def find_runs(cfg: Config, run_prefix: str | None = None) -> pd.DataFrame:
     """Backfill runs of the configured experiment (optionally only runs named `<prefix>_*`),
-    one row each: run, policy, mlflow_run_id, mAP_auc, top1_auc."""
+    one row each (the latest ranking's): run, policy, mlflow_run_id, mAP_auc, top1_auc."""
     import mlflow
 
     exp_id = configure_mlflow(cfg)
@@ -31,7 +31,8 @@ def find_runs(cfg: Config, run_prefix: str | None = None) -> pd.DataFrame:
     })
     if run_prefix:
         out = out[out["run"].str.startswith(f"{run_prefix}_")]
-    return out.reset_index(drop=True)
+    # a re-ranked run has an MLflow run per ranking: the latest stands for it
+    return out.drop_duplicates("run", keep="last").reset_index(drop=True)
 
 
 def run_curves(mlflow_run_id: str, keys: list[str] | None = None) -> pd.DataFrame:

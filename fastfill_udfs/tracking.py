@@ -61,8 +61,13 @@ def configure_mlflow(cfg: Config, experiment: str | None = None) -> str:
 RUN_TAG = "fastfill.run"
 
 
-def backfill_mlflow_run(cfg: Config, run: str, policy: str, params: dict) -> str:
-    """The MLflow run id of backfill run `run` (tag fastfill.run), created on first use.
+RANKING_TAG = "fastfill.ranking"
+
+
+def backfill_mlflow_run(cfg: Config, run: str, policy: str, params: dict, *,
+                        ranking: str) -> str:
+    """The MLflow run id of backfill run `run` (tag fastfill.run) as ranked at `ranking` (tag
+    fastfill.ranking; a re-ranked run starts a new MLflow run), created on first use.
 
     Params are logged once; a later call with different values for an existing key keeps the
     first (MLflow params are immutable) and logs a warning naming the key."""
@@ -71,14 +76,16 @@ def backfill_mlflow_run(cfg: Config, run: str, policy: str, params: dict) -> str
 
     exp_id = configure_mlflow(cfg)
     client = MlflowClient()
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run}'",
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run}' and "
+                               f"tags.`{RANKING_TAG}` = '{ranking}'",
                                order_by=["attributes.start_time ASC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
         existing = found[0].data.params
     else:
         created = client.create_run(exp_id, run_name=run, tags={
-            RUN_TAG: run, "fastfill.policy": policy, "fastfill.kind": "backfill"})
+            RUN_TAG: run, RANKING_TAG: ranking, "fastfill.policy": policy,
+            "fastfill.kind": "backfill"})
         run_id, existing = created.info.run_id, {}
     new = {}
     for key, value in params.items():

@@ -15,6 +15,7 @@ if __name__ == "__main__":
     parser.add_argument("--policy", choices=["uncertainty", "random"],
                         help="ordering policy (default: backfill.policy)")
     parser.add_argument("--force", action="store_true",
-                        help="re-rank even if the run is already ranked (overwrites its tables)")
+                        help="re-rank even if the run is already ranked (overwrites its tables; "
+                             "its backfill starts over, logged in a new MLflow run)")
     sys.exit(run_job(parser, lambda cfg, args: rank_job(
         cfg, policy=args.policy, master=args.master, force=args.force)))

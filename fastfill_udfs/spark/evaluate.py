@@ -22,7 +22,7 @@ from fastfill_udfs.faiss_index import ShardedGalleryIndex
 from fastfill_udfs.metrics import retrieval_metrics
 from fastfill_udfs.simulate import curve_auc
 from fastfill_udfs.subgroups import combine_metrics, subgroup_metrics
-from fastfill_udfs.spark.delta_io import read_table, table_paths
+from fastfill_udfs.spark.delta_io import is_delta_table, read_table, table_paths
 
 log = logging.getLogger(__name__)
 CURVE_METRICS = ("mAP", "top1", "top5")
@@ -133,6 +133,21 @@ def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:
     return pdf
 
 
+def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
+    """Identifies one ranking of `run`: when its batch 0 was started (microseconds since the
+    epoch, whatever the session's time zone). A
+    re-ranked run (rank --force, or tables rebuilt from scratch) gets a new one, and with it a
+    new MLflow run. Raises ValueError when `run` has not been ranked."""
+    path = table_paths(cfg, run).backfill_log
+    row = (read_table(spark, path).where("batch_id = 0")
+           .select(F.unix_micros("started_at").alias("started_at")).first()
+           if is_delta_table(spark, path) else None)
+    if row is None:
+        raise ValueError(f"run {run!r} is not ranked (no batch 0 in {path}): run "
+                         f"pipelines/rank_gallery.py first")
+    return str(row["started_at"])
+
+
 def curve_from_history(client, mlflow_run_id: str) -> pd.DataFrame:
     """The curve as logged: one row per step with backfill_fraction and metrics."""
     frames = []
@@ -164,7 +179,8 @@ class BackfillTracker:
             "features_table": paths.gallery_features, "log_table": paths.backfill_log,
             "plan_table": paths.backfill_plan,
         }
-        self.run_id = backfill_mlflow_run(cfg, run, policy, params)
+        self.run_id = backfill_mlflow_run(cfg, run, policy, params,
+                                          ranking=ranking_id(spark, cfg, run))
         self._log_minority_share()
 
     def _log_minority_share(self, fraction: float = 0.1) -> None:

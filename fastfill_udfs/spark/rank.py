@@ -81,7 +81,8 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
                  *, force: bool = False) -> dict:
     """Rank the gallery for `run` by `policy` ("uncertainty" | "random").
 
-    Skips when the run is already ranked (unless `force`). Raises ValueError for an unknown
+    Skips when the run is already ranked, unless `force`: then the run's log is emptied first
+    and the backfill starts over (in a new MLflow run). Raises ValueError for an unknown
     policy, `uncertainty` with an `h` lacking an uncertainty head, an empty gallery, duplicate
     ids or a gallery whose embeddings do not fit `h`. Rows with null / wrong-size / NaN
     embeddings are quarantined with the reason; counts reconcile."""
@@ -94,9 +95,14 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
         raise ValueError("policy 'uncertainty' needs an h trained with the fastfill objective "
                          "(this h has no uncertainty head)")
     paths = table_paths(cfg, run)
-    if not force and is_ranked(spark, cfg, run):
-        log.info("rank %s: already ranked (batch 0 in %s); skipping", run, paths.backfill_log)
-        return {"skipped": True}
+    if is_ranked(spark, cfg, run):
+        if not force:
+            log.info("rank %s: already ranked (batch 0 in %s); skipping", run, paths.backfill_log)
+            return {"skipped": True}
+        # Unrank first: a re-rank that dies half-way must not leave the old log (batches done)
+        # beside a new plan. The next backfill starts over and logs into a new MLflow run.
+        log.warning("rank %s: --force: discarding the run's backfill log and plan", run)
+        write_table(spark.createDataFrame([], LOG_SCHEMA), paths.backfill_log)
     started = datetime.now(timezone.utc)
     gallery = read_table(spark, paths.gallery).select("id", "old_embedding")
     n_gallery = check_not_empty(gallery, f"gallery table {paths.gallery}")

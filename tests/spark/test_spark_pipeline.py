@@ -4,6 +4,7 @@ the --max-batches budget, and agreement of the Spark UDFs / logged metrics with 
 computations."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -267,6 +268,45 @@ def test_compare_writes_the_subgroup_report_from_the_logged_curves(spark, e2e_ru
     head = plan["id"].iloc[:max(1, round(0.1 * len(plan)))]
     share = float((subgroup.loc[head, "subgroup"] == "footwear").mean())
     assert row["footwear_share_first_10pct"] == pytest.approx(share)
+
+
+def test_forced_rerank_starts_a_fresh_mlflow_run_and_a_crash_leaves_it_unranked(
+        spark, pipeline_env, monkeypatch):
+    """rank --force resets the run: its backfill starts over from batch 1 and logs into a new
+    MLflow run (the old curve belonged to the old plan); a re-rank that dies half-way leaves
+    the run unranked, so a plain rerun ranks it afresh."""
+    from fastfill_udfs.compare import find_runs
+    from fastfill_udfs.spark import rank as rank_mod
+    from fastfill_udfs.spark.jobs import backfill_job, rank_job
+
+    cfg = pipeline_env.make_cfg("rerank")
+    paths = table_paths(cfg, "rerank_random")
+    client = _client(cfg)
+    rank_job(cfg, policy="random")
+    first = backfill_job(cfg, policy="random", evaluate=True)
+    assert first["committed_now"] == list(range(1, N_BATCHES + 1))
+
+    @contextlib.contextmanager
+    def dies(_):
+        raise RuntimeError("killed while ranking")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(rank_mod, "assign_ranks", dies)
+    with pytest.raises(RuntimeError, match="killed while ranking"):
+        rank_job(cfg, policy="random", force=True)
+    monkeypatch.undo()
+    assert not rank_mod.is_ranked(spark, cfg, "rerank_random")
+    assert rank_job(cfg, policy="random")["skipped"] is False    # no --force needed now
+    assert _log(spark, paths)["batch_id"].tolist() == [0]
+
+    second = backfill_job(cfg, policy="random", evaluate=True)
+    assert second["committed_now"] == list(range(1, N_BATCHES + 1))
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    assert sorted(_single_valued(client, second["mlflow_run_id"], "mAP")) == \
+        list(range(N_BATCHES + 1))                                  # each step logged once
+    runs = find_runs(cfg, run_prefix="rerank")
+    assert runs["run"].tolist() == ["rerank_random"]
+    assert runs["mlflow_run_id"].tolist() == [second["mlflow_run_id"]]
 
 
 # ----------------------------------------------------------------------------- 4. rerun is a no-op
