@@ -58,11 +58,24 @@ def train_all(cfg: Config, train: Split) -> TrainedModels:
     old_emb, new_emb = embed(old, train.images), embed(new, train.images)
     objectives = sorted({STUDY_POLICIES[p][0] for p in cfg.get_path("study.policies")}
                         | {cfg.get_path("transformation.objective")})
+    h_rows = h_training_rows(cfg, len(train.labels), keep)
     hs, histories = {}, {"old": old_hist, "new": new_hist}
     for objective in objectives:
-        hs[objective], histories[f"h_{objective}"] = fit_h(cfg, old_emb, new_emb, train.labels,
-                                                           new, objective)
+        hs[objective], histories[f"h_{objective}"] = fit_h(
+            cfg, old_emb[h_rows], new_emb[h_rows], train.labels[h_rows], new, objective)
     return TrainedModels(old, new, hs, histories)
+
+
+H_TRAIN_DATA = ("all", "old_model")
+
+
+def h_training_rows(cfg: Config, n_train: int, old_rows: np.ndarray) -> np.ndarray:
+    """Rows of the train split that `h` learns from: all of them, or only the old model's
+    training images (transformation.train_data: old_model, e.g. a biased old dataset)."""
+    choice = cfg.get_path("transformation.train_data")
+    if choice not in H_TRAIN_DATA:
+        raise ValueError(f"transformation.train_data must be one of {H_TRAIN_DATA}, got {choice!r}")
+    return np.arange(n_train) if choice == "all" else np.asarray(old_rows)
 
 
 def fit_h(cfg: Config, old_emb, new_emb, labels, new: EmbeddingCNN, objective: str):
