@@ -35,9 +35,8 @@ def run_demo(cfg: Config, *, master: str | None = None, skip_study: bool = False
         step("study: train models and simulate curves", run_study_job, cfg)
     step("ingest", ingest_job, cfg, master=master)
     for policy in cfg.get_path("backfill.policies"):
-        # freshly trained models re-embed the gallery: earlier ranks of these runs are stale
-        step(f"rank ({policy})", rank_job, cfg, policy=policy, master=master,
-             force=not skip_study)
+        # the ingest above wrote a new gallery version: earlier ranks of these runs are stale
+        step(f"rank ({policy})", rank_job, cfg, policy=policy, master=master, force=True)
         step(f"backfill + evaluate ({policy})", backfill_job, cfg, policy=policy, evaluate=True,
              master=master)
     table, png = step("compare", compare_runs, cfg, run_prefix=cfg.get_path("run_name"))

@@ -21,7 +21,7 @@ from fastfill_udfs.config import Config
 from fastfill_udfs.progress import Progress
 from fastfill_udfs.spark.delta_io import TableNotFoundError, latest_version, read_table, table_paths
 from fastfill_udfs.spark.ingest import embed_images
-from fastfill_udfs.spark.rank import LOG_SCHEMA, is_ranked
+from fastfill_udfs.spark.rank import LOG_SCHEMA, check_ranking_current, is_ranked
 from fastfill_udfs.spark.validation import ReconciliationError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: nn.Module, run: st
     if not is_ranked(spark, cfg, run):
         raise TableNotFoundError(f"run '{run}' is not ranked yet: run pipelines/rank_gallery.py "
                                  f"first (no batch 0 in {paths.backfill_log})")
+    check_ranking_current(spark, cfg, run)
     planned = planned_batches(spark, cfg, run)
     done = set(committed_batches(spark, cfg, run))
     pending = [b for b in sorted(planned) if b not in done]

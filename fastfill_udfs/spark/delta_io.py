@@ -4,9 +4,11 @@ Tables are path-based (`<warehouse>/<name>`), so the same code runs locally and 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
 
@@ -74,14 +76,34 @@ def read_table(spark: SparkSession, path: str, version: int | None = None) -> Da
 
 
 def write_table(df: DataFrame, path: str, *, mode: str = "overwrite",
-                partition_by: list[str] | None = None) -> None:
-    """Write `df` as a Delta table at `path` (`mode`: overwrite | append | errorifexists)."""
+                partition_by: list[str] | None = None, metadata: dict | None = None) -> None:
+    """Write `df` as a Delta table at `path` (`mode`: overwrite | append | errorifexists);
+    `metadata` (JSON-able) is recorded with the commit (`commit_metadata` reads it back)."""
     writer = df.write.format("delta").mode(mode)
+    if metadata is not None:
+        writer = writer.option("userMetadata", json.dumps(metadata, sort_keys=True))
     if mode == "overwrite":
         writer = writer.option("overwriteSchema", "true")
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     writer.save(path)
+
+
+def commit_metadata(spark: SparkSession, path: str, key: str) -> dict | None:
+    """The newest commit metadata (`write_table(metadata=...)`) of the table at `path` that has
+    `key`; None when no commit has it."""
+    from delta.tables import DeltaTable
+
+    rows = (DeltaTable.forPath(spark, path).history().where("userMetadata IS NOT NULL")
+            .orderBy(F.desc("version")).select("userMetadata").collect())
+    for row in rows:
+        try:
+            found = json.loads(row["userMetadata"])
+        except ValueError:
+            continue
+        if isinstance(found, dict) and key in found:
+            return found
+    return None
 
 
 def latest_version(spark: SparkSession, path: str) -> int:

@@ -15,8 +15,8 @@ from pyspark.sql import functions as F
 from fastfill_udfs.config import Config
 from fastfill_udfs.models import Transformation
 from fastfill_udfs.policies import POLICIES, batching_from_config
-from fastfill_udfs.spark.delta_io import (is_delta_table, latest_version, read_table, table_paths,
-                                          write_quarantine, write_table)
+from fastfill_udfs.spark.delta_io import (commit_metadata, is_delta_table, latest_version,
+                                          read_table, table_paths, write_quarantine, write_table)
 from fastfill_udfs.spark.udfs import ModelPayload, transform_fn
 from fastfill_udfs.spark.validation import (check_embedding_dim, check_not_empty,
                                             check_unique_ids, reconcile)
@@ -71,6 +71,35 @@ def assign_ranks(scored: DataFrame) -> Iterator[DataFrame]:
         ordered.unpersist()
 
 
+RANKED_ON = "ranked_on_gallery_version"  # key of the batch-0 commit's metadata
+
+
+class StaleRankingError(ValueError):
+    """A run's plan was ranked on another gallery version or another `h` than the current."""
+
+
+def check_ranking_current(spark: SparkSession, cfg: Config, run: str,
+                          h_key: str | None = None) -> None:
+    """Raise StaleRankingError when `run` was ranked on another version of the gallery table (a
+    new ingest) or, given `h_key`, with another `h`. Runs ranked before this was recorded pass."""
+    paths = table_paths(cfg, run)
+    ranked = commit_metadata(spark, paths.backfill_log, RANKED_ON)
+    if ranked is None:
+        return
+    problems = []
+    now = latest_version(spark, paths.gallery)
+    if ranked[RANKED_ON] != now:
+        problems.append(f"the gallery table is at version {now}, the plan was ranked on version "
+                        f"{ranked[RANKED_ON]}")
+    if h_key is not None and ranked.get("h") != h_key:
+        problems.append(f"h is {h_key}, the plan was ranked with h {ranked.get('h')}")
+    if problems:
+        raise StaleRankingError(
+            f"run '{run}' is stale: {'; '.join(problems)}. Re-rank it with "
+            f"pipelines/rank_gallery.py --policy {ranked.get('policy', '<policy>')} --force "
+            "(its backfill starts over)")
+
+
 def is_ranked(spark: SparkSession, cfg: Config, run: str) -> bool:
     """True when batch 0 of `run` is committed in backfill_log (ranking finished)."""
     path = table_paths(cfg, run).backfill_log
@@ -95,8 +124,10 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
         raise ValueError("policy 'uncertainty' needs an h trained with the fastfill objective "
                          "(this h has no uncertainty head)")
     paths = table_paths(cfg, run)
+    payload = ModelPayload.from_model(h)
     if is_ranked(spark, cfg, run):
         if not force:
+            check_ranking_current(spark, cfg, run, h_key=payload.key)
             log.info("rank %s: already ranked (batch 0 in %s); skipping", run, paths.backfill_log)
             return {"skipped": True}
         # Unrank first: a re-rank that dies half-way must not leave the old log (batches done)
@@ -104,14 +135,16 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
         log.warning("rank %s: --force: discarding the run's backfill log and plan", run)
         write_table(spark.createDataFrame([], LOG_SCHEMA), paths.backfill_log)
     started = datetime.now(timezone.utc)
-    gallery = read_table(spark, paths.gallery).select("id", "old_embedding")
+    ranked_on = {RANKED_ON: latest_version(spark, paths.gallery), "h": payload.key,
+                 "policy": policy}
+    gallery = read_table(spark, paths.gallery, version=ranked_on[RANKED_ON]).select(
+        "id", "old_embedding")
     n_gallery = check_not_empty(gallery, f"gallery table {paths.gallery}")
     check_unique_ids(gallery, f"gallery table {paths.gallery}")
     check_embedding_dim(gallery, "old_embedding", h.old_dim, f"gallery table {paths.gallery}", "h")
 
-    payload = spark.sparkContext.broadcast(ModelPayload.from_model(h))
     scored = gallery.mapInArrow(
-        transform_fn(payload, h.old_dim, ["id"], policy=policy, seed=cfg.get_path("seed")),
+        transform_fn(spark.sparkContext.broadcast(payload), h.old_dim, ["id"], policy=policy, seed=cfg.get_path("seed")),
         "id string, transformed array<float>, sigma double, score double, reason string",
     ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -139,6 +172,6 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
     version = latest_version(spark, paths.gallery_features)
     log_row = spark.createDataFrame(
         [(0, counts["gallery_features"], version, started, datetime.now(timezone.utc))], LOG_SCHEMA)
-    write_table(log_row, paths.backfill_log)  # the commit marker: ranking is done
+    write_table(log_row, paths.backfill_log, metadata=ranked_on)  # the marker: ranking is done
     log.info("rank %s (%s): %s; gallery_features version %d", run, policy, counts, version)
     return {"skipped": False, **counts, "table_version": version}

@@ -174,3 +174,30 @@ def test_undecodable_image_quarantined_at_ingest(spark, pipeline_env):
     feats = read_table(spark, paths.query_features).toPandas()
     assert {len(e) for e in feats["embedding"]} == {24}
     assert set(feats["id"]) == set(gallery["id"])
+
+
+def test_stale_ranking_after_a_new_ingest_or_another_h_is_refused(spark, pipeline_env, h_model):
+    """A plan ranked on gallery version v with h k is stale once the gallery is rewritten (a new
+    ingest) or h changes: rank (without --force) and backfill refuse it and name the versions."""
+    from fastfill_udfs.models import Transformation
+    from fastfill_udfs.spark.backfill import run_backfill
+    from fastfill_udfs.spark.rank import StaleRankingError, rank_gallery
+
+    cfg = _gallery_copy(spark, pipeline_env, "stale", lambda df: df)
+    run = "stale_random"
+    assert rank_gallery(spark, cfg, h_model, "random", run)["skipped"] is False
+    assert rank_gallery(spark, cfg, h_model, "random", run) == {"skipped": True}
+
+    other_h = Transformation(h_model.old_dim, h_model.new_dim, hidden_dim=8, num_hidden_layers=1)
+    with pytest.raises(StaleRankingError, match=r"h is \w+, the plan was ranked with h \w+"):
+        rank_gallery(spark, cfg, other_h, "random", run)
+
+    gallery = table_paths(cfg).gallery
+    write_table(read_table(spark, gallery), gallery)           # a re-ingest: version 0 -> 1
+    with pytest.raises(StaleRankingError, match="gallery table is at version 1, the plan was "
+                                                "ranked on version 0.*--force"):
+        rank_gallery(spark, cfg, h_model, "random", run)
+    with pytest.raises(StaleRankingError, match="version 1"):
+        run_backfill(spark, cfg, None, run)
+    assert rank_gallery(spark, cfg, h_model, "random", run, force=True)["skipped"] is False
+    assert rank_gallery(spark, cfg, h_model, "random", run) == {"skipped": True}
