@@ -35,7 +35,9 @@ def rank_job(cfg: Config, *, policy: str | None = None, master: str | None = Non
 
 def _tracker(spark, cfg: Config, policy: str):
     from fastfill_udfs.spark.evaluate import BackfillTracker
+    from fastfill_udfs.spark.rank import check_ranking_current
 
+    check_ranking_current(spark, cfg, run_id_for(cfg, policy))  # no curve of a stale plan
     models = read_manifest(cfg)["models"]
     uris = {name: models[name] for name in ("new", h_model_name(cfg)) if name in models}
     return BackfillTracker(spark, cfg, run_id_for(cfg, policy), policy, uris)

@@ -83,6 +83,8 @@ def check_ranking_current(spark: SparkSession, cfg: Config, run: str,
     """Raise StaleRankingError when `run` was ranked on another version of the gallery table (a
     new ingest) or, given `h_key`, with another `h`. Runs ranked before this was recorded pass."""
     paths = table_paths(cfg, run)
+    if not is_delta_table(spark, paths.backfill_log):
+        return  # not ranked at all: the caller says so in its own words
     ranked = commit_metadata(spark, paths.backfill_log, RANKED_ON)
     if ranked is None:
         return

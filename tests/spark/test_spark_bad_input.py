@@ -181,6 +181,7 @@ def test_stale_ranking_after_a_new_ingest_or_another_h_is_refused(spark, pipelin
     ingest) or h changes: rank (without --force) and backfill refuse it and name the versions."""
     from fastfill_udfs.models import Transformation
     from fastfill_udfs.spark.backfill import run_backfill
+    from fastfill_udfs.spark.jobs import _tracker
     from fastfill_udfs.spark.rank import StaleRankingError, rank_gallery
 
     cfg = _gallery_copy(spark, pipeline_env, "stale", lambda df: df)
@@ -199,5 +200,7 @@ def test_stale_ranking_after_a_new_ingest_or_another_h_is_refused(spark, pipelin
         rank_gallery(spark, cfg, h_model, "random", run)
     with pytest.raises(StaleRankingError, match="version 1"):
         run_backfill(spark, cfg, None, run)
+    with pytest.raises(StaleRankingError, match="version 1"):
+        _tracker(spark, cfg, "random")                         # evaluation refuses it too
     assert rank_gallery(spark, cfg, h_model, "random", run, force=True)["skipped"] is False
     assert rank_gallery(spark, cfg, h_model, "random", run) == {"skipped": True}
