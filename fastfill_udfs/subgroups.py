@@ -68,18 +68,25 @@ def share_in_first(ranked_subgroups, subgroup: str, fraction: float = 0.1) -> fl
 
 def subgroup_report(curves: pd.DataFrame, minority: str, shares: dict[str, float],
                     threshold: float = 0.01) -> pd.DataFrame:
-    """One row per run: fraction of the gallery backfilled when the minority's top-1 shortfall
-    first falls below `threshold`, and the minority's share of the first 10% of the order.
+    """One row per run: the minority's shortfall at t=0 and the fraction of the gallery
+    backfilled when it first falls below `threshold` (top-1, and mAP when logged), and the
+    minority's share of the first 10% of the order.
 
-    `curves`: long table with run, policy, backfill_fraction, top1_shortfall_<minority>."""
+    `curves`: long table with run, policy, backfill_fraction, top1_shortfall_<minority> (and
+    optionally mAP_shortfall_<minority>). Raises ValueError when the top-1 column is missing."""
     col = f"top1_shortfall_{minority}"
     if col not in curves.columns:
         raise ValueError(f"curves have no column {col}: was evaluation run with subgroups?")
+    metrics = [m for m in ("top1", "mAP") if f"{m}_shortfall_{minority}" in curves.columns]
     rows = []
     for run, group in curves.groupby("run", sort=False):
-        rows.append({"run": run, "policy": group["policy"].iloc[0],
-                     f"{minority}_shortfall_at_t0": float(group.sort_values("backfill_fraction")[col].iloc[0]),
-                     "fraction_to_close_1pt_top1": fraction_to_close(group["backfill_fraction"],
-                                                                     group[col], threshold),
-                     f"{minority}_share_first_10pct": shares.get(run, float("nan"))})
+        group = group.sort_values("backfill_fraction")
+        row = {"run": run, "policy": group["policy"].iloc[0]}
+        for m in metrics:
+            shortfall = group[f"{m}_shortfall_{minority}"]
+            row[f"{minority}_{m}_shortfall_at_t0"] = float(shortfall.iloc[0])
+            row[f"fraction_to_close_1pt_{m}"] = fraction_to_close(group["backfill_fraction"],
+                                                                  shortfall, threshold)
+        row[f"{minority}_share_first_10pct"] = shares.get(run, float("nan"))
+        rows.append(row)
     return pd.DataFrame(rows)

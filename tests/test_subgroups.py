@@ -58,3 +58,28 @@ def test_biased_sampling_keeps_the_configured_minority_fraction():
         assert (kept == c).sum() == expected, c
     assert set(split.subgroups[keep]) == {"footwear", "rest"}
     assert remapped.max() == 9
+
+
+def test_subgroup_report_on_known_curves():
+    import pandas as pd
+
+    from fastfill_udfs.subgroups import subgroup_report
+
+    t = [0.0, 0.25, 0.5, 0.75, 1.0]
+    curves = pd.concat([
+        pd.DataFrame({"run": "a_random", "policy": "random", "backfill_fraction": t[::-1],
+                      "top1_shortfall_shoes": [0.0, 0.005, 0.02, 0.05, 0.1],
+                      "mAP_shortfall_shoes": [0.0, 0.009, 0.03, 0.08, 0.2]}),
+        pd.DataFrame({"run": "a_uncertainty", "policy": "uncertainty", "backfill_fraction": t,
+                      "top1_shortfall_shoes": [0.1, 0.004, 0.0, 0.0, 0.0],
+                      "mAP_shortfall_shoes": [0.2, 0.05, 0.002, 0.0, 0.0]})])
+    report = subgroup_report(curves, "shoes", {"a_uncertainty": 0.7}).set_index("run")
+    assert report.loc["a_random", "shoes_top1_shortfall_at_t0"] == 0.1   # sorted by t first
+    assert report.loc["a_random", "fraction_to_close_1pt_top1"] == 0.75
+    assert report.loc["a_random", "fraction_to_close_1pt_mAP"] == 0.75
+    assert report.loc["a_uncertainty", "fraction_to_close_1pt_top1"] == 0.25
+    assert report.loc["a_uncertainty", "fraction_to_close_1pt_mAP"] == 0.5
+    assert report.loc["a_uncertainty", "shoes_share_first_10pct"] == 0.7
+    assert np.isnan(report.loc["a_random", "shoes_share_first_10pct"])
+    with pytest.raises(ValueError, match="top1_shortfall_bags"):
+        subgroup_report(curves, "bags", {})
