@@ -95,34 +95,32 @@ def compare_runs(cfg: Config, run_prefix: str | None = None,
 
 def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
                          minority: str | None = None) -> Path:
-    """Two panels against the backfill fraction: top-1 per subgroup, and each subgroup's top-1
-    shortfall against its own new/new level (the 1-point line marks "closed"). One colour per
-    run, solid for the minority, dashed for the others."""
+    """Panels against the backfill fraction: top-1 per subgroup, then each subgroup's top-1 and
+    (when logged) mAP shortfall against its own new/new level, with the 1-point line. One
+    colour per run, solid for the minority, dashed for the others."""
     from fastfill_udfs.reporting import _pyplot
 
+    panels = [("top1_{}", 1, "top-1 per subgroup", "top-1 (queries of that subgroup)")]
+    for metric in ("top1", "mAP"):
+        if all(f"{metric}_shortfall_{g}" in long.columns for g in subgroups):
+            panels.append((f"{metric}_shortfall_{{}}", 100, f"{metric} shortfall vs new/new",
+                           f"{metric} shortfall against own new/new level (points)"))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (run, group) in enumerate(long.groupby("run", sort=False)):
-        group = group.sort_values("backfill_fraction")
-        for name in subgroups:
-            style = dict(color=colours[i % len(colours)],
-                         linestyle="-" if name == minority else "--",
-                         label=f"{run}: {name}")
-            axes[0].plot(group["backfill_fraction"], group[f"top1_{name}"], **style)
-            axes[1].plot(group["backfill_fraction"], 100 * group[f"top1_shortfall_{name}"],
-                         **style)
-    axes[1].axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="1 point")
-    axes[0].set_ylabel("top-1 per subgroup (queries of that subgroup)")
-    axes[1].set_ylabel("top-1 shortfall vs own new/new level (points)")
-    axes[0].set_title("top-1 per subgroup")
-    axes[1].set_title("shortfall against the new model")
-    for ax in axes:
-        ax.set_xlabel("backfill fraction t")
-        ax.set_xlim(0, 1)
+    for ax, (column, scale, title, ylabel) in zip(axes[0], panels):
+        for i, (run, group) in enumerate(long.groupby("run", sort=False)):
+            group = group.sort_values("backfill_fraction")
+            for name in subgroups:
+                ax.plot(group["backfill_fraction"], scale * group[column.format(name)],
+                        color=colours[i % len(colours)],
+                        linestyle="-" if name == minority else "--", label=f"{run}: {name}")
+        if scale == 100:
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="1 point")
+        ax.set(title=title, ylabel=ylabel, xlabel="backfill fraction t", xlim=(0, 1))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
