@@ -136,9 +136,8 @@ def test_h_training_rows_all_or_only_the_old_models_images():
     from fastfill_udfs.study import h_training_rows
 
     old_rows = np.array([0, 2, 5])
-    base = ["conf/biased_footwear.yaml"]
-    assert h_training_rows(load_config(base), 8, old_rows).tolist() == list(range(8))
-    only_old = load_config(base, ["transformation.train_data=old_model"])
-    assert h_training_rows(only_old, 8, old_rows).tolist() == [0, 2, 5]
+    assert h_training_rows(load_config([]), 8, old_rows).tolist() == list(range(8))  # default
+    biased = load_config(["conf/biased_footwear.yaml"])      # the biased demo: old model's rows
+    assert h_training_rows(biased, 8, old_rows).tolist() == [0, 2, 5]
     with pytest.raises(ValueError, match="transformation.train_data"):
-        h_training_rows(load_config(base, ["transformation.train_data=old"]), 8, old_rows)
+        h_training_rows(load_config([], ["transformation.train_data=old"]), 8, old_rows)
