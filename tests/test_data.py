@@ -249,6 +249,16 @@ def test_load_image_table_duplicates_and_missing_columns(tmp_path):
         load_image_table(tmp_path / "none.parquet")
 
 
+def test_load_image_table_passes_extra_columns_through(tmp_path):
+    path = write_table(tmp_path / "e.parquet", ["a", "bad", "b"], [0, 1, 2],
+                       [png(1), b"junk", png(2)])
+    items, rejected = load_image_table(path, extra_columns=["subgroup"])
+    assert list(items.columns) == ["id", "label", "image", "subgroup"]
+    assert items["subgroup"].tolist() == ["x", "x"] and rejected["id"].tolist() == ["bad"]
+    with pytest.raises(ValueError, match=r"missing.*'region'"):
+        load_image_table(path, extra_columns=["region"])
+
+
 def test_load_image_table_parquet_folder(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()

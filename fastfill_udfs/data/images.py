@@ -277,7 +277,7 @@ def _read_delta(table: Path, columns: Sequence[str]) -> Optional[pa.Table]:
     files, metadata = _delta_live_files(table)
     schema_fields = json.loads(metadata.get("schemaString", '{"fields": []}')).get("fields", [])
     schema_names = [f["name"] for f in schema_fields]
-    _require_columns(table, schema_names)
+    _require_columns(table, schema_names, columns)
     types = {f["name"]: f["type"] for f in schema_fields}
     partition_cols = set(metadata.get("partitionColumns") or [])
     pieces = []
@@ -308,8 +308,9 @@ def _partition_column(value: Optional[str], delta_type: Any, n: int) -> pa.Array
 
 # --------------------------------------------------------------------------- Parquet / Delta
 
-def _require_columns(where: Path, names: Sequence[str]) -> None:
-    missing = [c for c in REQUIRED_TABLE_COLUMNS if c not in names]
+def _require_columns(where: Path, names: Sequence[str],
+                     required: Sequence[str] = REQUIRED_TABLE_COLUMNS) -> None:
+    missing = [c for c in required if c not in names]
     if missing:
         raise ValueError(
             f"table {where} is missing required column(s) {missing}; it has {list(names)}"
@@ -333,8 +334,10 @@ def _label_problem(value: Any) -> Tuple[Optional[int], Optional[str]]:
     return label, None
 
 
-def load_image_table(path: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
-    """Load a labelled image table with columns id, label, image (encoded bytes).
+def load_image_table(path: PathLike, extra_columns: Sequence[str] = ()
+                     ) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Load a labelled image table with columns id, label, image (encoded bytes), plus
+    `extra_columns` passed through as they are (e.g. the user's own subgroup column).
 
     Args:
         path: a Parquet file, a folder of Parquet files (hive partitions allowed), or a Delta
@@ -342,17 +345,19 @@ def load_image_table(path: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
             commit log; tables with checkpoints, deletion vectors or column mapping raise
             NotImplementedError telling you to read them with Spark.
     Returns:
-        (items[id str, label int64, image bytes], rejected[id, reason]); a row is rejected when
+        (items[id str, label int64, image bytes, *extra_columns], rejected[id, reason]); a row
+        is rejected when
         its id or image is null, its label is null, negative or not an integer, or its image does
         not decode (all its problems are listed in `reason`).
     Raises:
-        FileNotFoundError: `path` missing. ValueError: required columns missing (named), or
+        FileNotFoundError: `path` missing. ValueError: required or extra columns missing (named), or
         duplicate ids (a few listed). NotImplementedError: see above.
     """
     table_path = Path(path)
     if not table_path.exists():
         raise FileNotFoundError(f"image table {table_path} does not exist")
-    columns = list(REQUIRED_TABLE_COLUMNS)
+    extra = [c for c in extra_columns if c not in REQUIRED_TABLE_COLUMNS]
+    columns = list(REQUIRED_TABLE_COLUMNS) + extra
     if table_path.is_dir() and (table_path / "_delta_log").is_dir():
         table = _read_delta(table_path, columns)
     else:
@@ -360,13 +365,14 @@ def load_image_table(path: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
             dataset = pads.dataset(table_path, format="parquet", partitioning="hive")
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"cannot read {table_path} as Parquet: {exc}") from exc
-        _require_columns(table_path, dataset.schema.names)
+        _require_columns(table_path, dataset.schema.names, columns)
         table = dataset.to_table(columns=columns)
 
     if table is None or table.num_rows == 0:
         empty = pd.DataFrame({"id": pd.Series([], dtype=object),
                               "label": pd.Series([], dtype=np.int64),
-                              "image": pd.Series([], dtype=object)})
+                              "image": pd.Series([], dtype=object),
+                              **{c: pd.Series([], dtype=object) for c in extra}})
         return empty, _rejected_frame([])
 
     image_type = table.schema.field("image").type
@@ -378,6 +384,7 @@ def load_image_table(path: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
     ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
     labels = table.column("label").to_pylist()
     images = table.column("image").to_pylist()
+    extras = [table.column(c).to_pylist() for c in extra]
 
     seen, dups = set(), []
     for item_id in ids:
@@ -406,8 +413,9 @@ def load_image_table(path: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
         if problems:
             rejected.append((item_id, "; ".join(problems)))
         else:
-            rows.append((item_id, label, data))
-    items = pd.DataFrame(rows, columns=["id", "label", "image"]).astype({"label": np.int64})
+            rows.append((item_id, label, data, *(values[row] for values in extras)))
+    items = pd.DataFrame(rows, columns=["id", "label", "image", *extra]).astype(
+        {"label": np.int64})
     return items, _rejected_frame(rejected)
 
 

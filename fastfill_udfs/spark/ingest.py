@@ -28,6 +28,10 @@ def load_source_items(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     from fastfill_udfs.demo_data import load_split, subgroup_of
 
     dataset = cfg.get_path("data.dataset")
+    own_column = cfg.get_path("data.subgroups.column")
+    if own_column and dataset != "image_table":
+        raise ValueError(f"data.subgroups.column ({own_column!r}) is read from an image table; "
+                         f"data.dataset is {dataset!r} (use data.subgroups.minority_classes)")
     if dataset == "fashion_mnist":
         split = load_split(cfg, "test")
         items = pd.DataFrame({"id": split.ids.astype(str), "label": split.labels.astype(np.int32),
@@ -37,13 +41,17 @@ def load_source_items(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     if dataset == "image_folder":
         items, rejected = load_image_folder(cfg.resolve_path("data.image_folder"))
     elif dataset == "image_table":
-        items, rejected = load_image_table(cfg.resolve_path("data.image_table"))
+        items, rejected = load_image_table(cfg.resolve_path("data.image_table"),
+                                           extra_columns=[own_column] if own_column else [])
     else:
         raise ValueError(f"data.dataset must be fashion_mnist, image_folder or image_table, "
                          f"got {dataset!r}")
-    items = items[["id", "label", "image"]].copy()
+    items = items.copy()
     items["label"] = items["label"].astype(np.int32)
-    items["subgroup"] = subgroup_of(items["label"].to_numpy(), cfg).astype(str)
+    if own_column:  # the user's subgroups; a null one means "no subgroup" (left out of them)
+        items["subgroup"] = [("" if v is None or v != v else str(v)) for v in items[own_column]]
+    else:
+        items["subgroup"] = subgroup_of(items["label"].to_numpy(), cfg).astype(str)
     return items[["id", "label", "subgroup", "image"]], rejected[["id", "reason"]]
 
 
