@@ -64,6 +64,7 @@ class RunEvaluator:
         self.topk = tuple(self.cfg.get_path("evaluation.topk"))
         self.subgroup_names = sorted(set(self.queries.subgroups) - {""})
         self.references = self._new_new_reference()
+        self.gap_pair = self._gap_pair()
 
     def _new_new_reference(self) -> dict:
         """new/new: the query features as the gallery (queries = gallery items here)."""
@@ -106,7 +107,7 @@ class RunEvaluator:
         ids = self.gallery["id"].to_numpy(dtype=object)[keys]
         out = self._scored(ids, vectors, self.gallery["label"].to_numpy()[keys])
         out["backfill_fraction"] = n_backfilled / max(1, len(keys))
-        pair = self._gap_pair()
+        pair = self.gap_pair
         for metric in ("top1", "mAP"):
             if pair:
                 out[f"{metric}_gap"] = out[f"{metric}_{pair[0]}"] - out[f"{metric}_{pair[1]}"]

@@ -146,7 +146,8 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
     check_embedding_dim(gallery, "old_embedding", h.old_dim, f"gallery table {paths.gallery}", "h")
 
     scored = gallery.mapInArrow(
-        transform_fn(spark.sparkContext.broadcast(payload), h.old_dim, ["id"], policy=policy, seed=cfg.get_path("seed")),
+        transform_fn(spark.sparkContext.broadcast(payload), h.old_dim, ["id"], policy=policy,
+                     seed=cfg.get_path("seed")),
         "id string, transformed array<float>, sigma double, score double, reason string",
     ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
