@@ -26,15 +26,40 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+EXIT_CONFIG, EXIT_REFUSED, EXIT_BUSY = 2, 4, 3
+
+
+def _refusals() -> tuple[type, ...]:
+    """Errors that refuse a job on purpose, before it changes anything: their message says
+    what is wrong and what to do, so the job prints it and exits without a traceback."""
+    from fastfill_udfs.model_loading import ModelNotFoundError
+    from fastfill_udfs.spark.backfill import ModelMismatchError
+    from fastfill_udfs.spark.delta_io import TableNotFoundError
+    from fastfill_udfs.spark.rank import StaleRankingError
+
+    return (ModelNotFoundError, ModelMismatchError, TableNotFoundError, StaleRankingError)
+
+
 def run_job(parser: argparse.ArgumentParser, job: Callable[[Config, argparse.Namespace], object],
             argv: Sequence[str] | None = None) -> int:
-    """Parse args, load config and run `job(cfg, args)`; config errors exit 2 with the message."""
+    """Parse args, load config and run `job(cfg, args)`. Exit codes: 0 done, 2 config error,
+    3 another job holds the run, 4 refused (stale plan, other model, missing model or table);
+    each with its message on stderr. Other errors propagate (traceback, exit 1)."""
     args = parser.parse_args(argv)
     setup_logging()
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    job(cfg, args)
+        return EXIT_CONFIG
+    from fastfill_udfs.spark.lease import RunBusyError
+
+    try:
+        job(cfg, args)
+    except RunBusyError as exc:
+        print(f"busy: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except _refusals() as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     return 0

@@ -203,10 +203,15 @@ class BatchEmbedder:
         self.max_device_rows = max(int(max_device_rows), batch_size)
         self.max_inflight = int(max_inflight)
 
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
+        try:
+            model = model.to(self.device)
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            model = model.eval()
+        except NotImplementedError:  # an exported (pt2) program: placed and traced already
+            if self.device.type != "cpu":
+                raise
+        self.model = model
 
         dim = getattr(model, "embedding_dim", None)
         self.embedding_dim: Optional[int] = int(dim) if isinstance(dim, (int, np.integer)) \
@@ -289,7 +294,19 @@ class BatchEmbedder:
             self.embedding_dim = int(out.shape[1])
         return out
 
-    def _run(self, arr: np.ndarray) -> np.ndarray:
+    def embed_with_flags(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Like calling the embedder, but rows whose output is not finite are flagged instead
+        of failing the batch: returns (float32 [N, D], bool [N] True where NaN/inf)."""
+        arr = normalize_input(images)
+        if arr.shape[0] == 0:
+            return (np.zeros((0, self._dim_for_empty(arr)), dtype=np.float32),
+                    np.zeros(0, dtype=bool))
+        out, bad = self._run(arr, flag_only=True)
+        if self.embedding_dim is None:
+            self.embedding_dim = int(out.shape[1])
+        return out, bad
+
+    def _run(self, arr: np.ndarray, flag_only: bool = False):
         n = arr.shape[0]
         result: Optional[np.ndarray] = None
         bad_rows: list = []
@@ -306,8 +323,12 @@ class BatchEmbedder:
                 result[g0:g1] = host
                 if bad.any():
                     bad_rows.extend((np.flatnonzero(bad) + g0).tolist())
-                    if len(bad_rows) >= _MAX_BAD_ROWS_SHOWN:
+                    if len(bad_rows) >= _MAX_BAD_ROWS_SHOWN and not flag_only:
                         break
+        if flag_only:
+            flags = np.zeros(n, dtype=bool)
+            flags[bad_rows] = True
+            return result, flags
         if bad_rows:
             shown = bad_rows[:_MAX_BAD_ROWS_SHOWN]
             raise ValueError(

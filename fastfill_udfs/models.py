@@ -1,44 +1,12 @@
-"""Torch models: the demo's embedding CNNs and FastFill's transformation `h` with its
-uncertainty head. Every model is rebuilt from a JSON-able spec plus a state dict, so saved
-models load without unpickling code."""
+"""FastFill's transformation `h` with its uncertainty head, and the spec registry: every model
+of ours is rebuilt from a JSON-able spec plus a state dict, so saved models load without
+unpickling code. (The demo's CNNs live in `fastfill_udfs.demo.cnn`.)"""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
-
-
-class EmbeddingCNN(nn.Module):
-    """Conv blocks (3x3 conv, BatchNorm, ReLU, 2x2 max-pool) -> global average pool ->
-    linear embedding; a linear classifier on the embedding. `forward` returns
-    (embedding, logits); input is float [N, C, H, W] in [0, 1]."""
-
-    def __init__(self, channels: Sequence[int], embedding_dim: int, num_classes: int,
-                 in_channels: int = 1):
-        super().__init__()
-        if not channels:
-            raise ValueError("channels must list at least one conv block width")
-        if embedding_dim <= 0 or num_classes <= 0:
-            raise ValueError(f"embedding_dim ({embedding_dim}) and num_classes ({num_classes}) "
-                             "must be positive")
-        blocks, prev = [], in_channels
-        for width in channels:
-            blocks += [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            prev = width
-        self.features = nn.Sequential(*blocks)
-        self.embedding = nn.Linear(prev, embedding_dim)
-        self.classifier = nn.Linear(embedding_dim, num_classes)
-        self.embedding_dim = embedding_dim
-        self.num_classes = num_classes
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(self.features(x).mean(dim=(2, 3)))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.embed(x)
-        return emb, self.classifier(emb)
 
 
 class Transformation(nn.Module):
@@ -62,6 +30,13 @@ class Transformation(nn.Module):
         self.uncertainty_head = nn.Linear(new_dim, 1) if uncertainty else None
         self.old_dim, self.new_dim = old_dim, new_dim
         self.embedding_dim = new_dim
+
+    def spec_params(self) -> dict:
+        """The constructor arguments (see `model_spec`)."""
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        return {"old_dim": self.old_dim, "new_dim": self.new_dim,
+                "hidden_dim": linears[0].out_features if len(linears) > 1 else self.new_dim,
+                "num_hidden_layers": len(linears) - 1, "uncertainty": self.has_uncertainty}
 
     @property
     def has_uncertainty(self) -> bool:
@@ -93,23 +68,25 @@ def sigma_from_s(s: torch.Tensor) -> torch.Tensor:
     return torch.exp(0.5 * s)
 
 
-MODEL_KINDS = {"embedding_cnn": EmbeddingCNN, "transformation": Transformation}
+# kind -> "module:class"; imported on first use so the demo's classes stay in the demo package.
+MODEL_KINDS = {"transformation": "fastfill_udfs.models:Transformation",
+               "embedding_cnn": "fastfill_udfs.demo.cnn:EmbeddingCNN"}
+
+
+def _model_class(kind: str) -> type:
+    import importlib
+
+    module, name = MODEL_KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
-    """The JSON-able spec from which `build_model` recreates `model`'s architecture."""
-    if isinstance(model, EmbeddingCNN):
-        channels = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
-        first = next(m for m in model.features if isinstance(m, nn.Conv2d))
-        return {"kind": "embedding_cnn", "params": {
-            "channels": channels, "embedding_dim": model.embedding_dim,
-            "num_classes": model.num_classes, "in_channels": first.in_channels}}
-    if isinstance(model, Transformation):
-        linears = [m for m in model.mlp if isinstance(m, nn.Linear)]
-        return {"kind": "transformation", "params": {
-            "old_dim": model.old_dim, "new_dim": model.new_dim,
-            "hidden_dim": linears[0].out_features if len(linears) > 1 else model.new_dim,
-            "num_hidden_layers": len(linears) - 1, "uncertainty": model.has_uncertainty}}
+    """The JSON-able spec from which `build_model` recreates `model`'s architecture.
+
+    Raises TypeError for a model class that is not in MODEL_KINDS."""
+    for kind, path in MODEL_KINDS.items():
+        if type(model).__name__ == path.split(":")[1] and isinstance(model, _model_class(kind)):
+            return {"kind": kind, "params": model.spec_params()}
     raise TypeError(f"no spec for model type {type(model).__name__}")
 
 
@@ -118,4 +95,4 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     kind = spec.get("kind")
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
-    return MODEL_KINDS[kind](**spec["params"])
+    return _model_class(kind)(**spec["params"])

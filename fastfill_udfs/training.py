@@ -1,4 +1,4 @@
-"""Training on the CPU (or GPU when present): the demo's embedding CNNs and FastFill's `h`."""
+"""Training FastFill's `h` on the CPU (or GPU when present), and the shared training helpers."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastfill_udfs.losses import alignment_loss, fastfill_loss, fct_loss
-from fastfill_udfs.models import EmbeddingCNN, Transformation, sigma_from_s
+from fastfill_udfs.losses import alignment_loss, fastfill_loss, fct_loss, l2_per_item
+from fastfill_udfs.models import Transformation, sigma_from_s
 from fastfill_udfs.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -32,18 +31,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] (or [N, H, W, C]) -> float [N, C, H, W] in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(images))
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    elif t.dim() == 4:
-        t = t.permute(0, 3, 1, 2)
-    else:
-        raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {tuple(t.shape)}")
-    return t.float().div_(255.0)
-
-
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up for `warmup` steps, then cosine decay to 0."""
     if warmup > 0 and step < warmup:
@@ -52,70 +39,27 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_embedding_model(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
-                          channels, embedding_dim: int, epochs: int, batch_size: int,
-                          lr: float, seed: int, name: str = "model",
-                          augment: bool = True) -> tuple[EmbeddingCNN, History]:
-    """Train an EmbeddingCNN with cross-entropy (Adam, cosine schedule, random flips).
-
-    `labels` must lie in [0, num_classes); raises ValueError otherwise."""
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must be non-empty "
-                         "and of equal length")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-    gen = seed_everything(seed)
-    model = EmbeddingCNN(channels, embedding_dim, num_classes)
-    x_all, y_all = images_to_tensor(images), torch.from_numpy(labels.astype(np.int64))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = math.ceil(len(x_all) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, epochs * steps_per_epoch, steps_per_epoch // 2))
-    history, progress = History(), Progress(f"train {name}: epoch", epochs, log)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x_all), generator=gen)
-        total, correct, loss_sum = 0, 0, 0.0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            x, y = x_all[idx], y_all[idx]
-            if augment:
-                flip = torch.rand(len(x), generator=gen) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            _, logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            total += len(y)
-        history.loss.append(loss_sum / total)
-        history.accuracy.append(correct / total)
-        progress.update(extra=f"loss {history.loss[-1]:.4f} acc {history.accuracy[-1]:.3f}")
-    model.eval()
-    return model, history
-
-
 def train_transformation(old: np.ndarray, new: np.ndarray, labels: np.ndarray | None, *,
-                         objective: str, new_classifier: nn.Linear | None = None,
+                         objective: str, new_classifier: nn.Module | None = None,
                          hidden_dim: int = 1024, num_hidden_layers: int = 2, epochs: int = 60,
                          batch_size: int = 1024, lr: float = 5e-4, weight_decay: float = 0.0,
                          warmup_epochs: int = 3, freeze_bn_after: float = 0.5,
                          label_smoothing: float = 0.1, seed: int = 0,
                          device: str | torch.device = "cpu") -> tuple[Transformation, History]:
     """Train `h: old -> new` with `objective` "fct" (L2 only, no uncertainty head) or
-    "fastfill" (L2 + label-smoothed CE through the frozen `new_classifier`, weighted by the
-    predicted uncertainty). Adam with warm-up + cosine schedule; BatchNorm frozen (eval mode)
-    after `freeze_bn_after` of the epochs. Raises ValueError for bad inputs, naming them."""
+    "fastfill" (L2 + label-smoothed CE through the frozen class head `new_classifier`, weighted
+    by the predicted uncertainty; without `labels` the L2 term alone is weighted). The class
+    head maps new-space embeddings to logits: the new model's linear classifier, or a
+    `PrototypeHead` of class means. Adam with warm-up + cosine schedule; BatchNorm frozen (eval
+    mode) after `freeze_bn_after` of the epochs. Raises ValueError for bad inputs, naming them."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if len(old) != len(new) or len(old) == 0:
         raise ValueError(f"old ({len(old)}) and new ({len(new)}) embeddings must be non-empty "
                          "and of equal length")
-    if objective == "fastfill" and (new_classifier is None or labels is None):
-        raise ValueError("objective 'fastfill' needs labels and new_classifier")
+    if objective == "fastfill" and labels is not None and new_classifier is None:
+        raise ValueError("objective 'fastfill' with labels needs new_classifier (the new "
+                         "model's classifier or a PrototypeHead)")
     for name, arr in (("old", old), ("new", new)):
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} embeddings contain NaN or inf")
@@ -156,6 +100,8 @@ def train_transformation(old: np.ndarray, new: np.ndarray, labels: np.ndarray | 
             pred, s = h(o_all[idx])
             if objective == "fct":
                 loss = fct_loss(pred, n_all[idx])
+            elif y_all is None:  # no labels: the alignment term alone, weighted by sigma
+                loss = fastfill_loss(l2_per_item(pred, n_all[idx]), s)
             else:
                 per_item = alignment_loss(pred, n_all[idx], new_classifier(pred * scale),
                                           y_all[idx], label_smoothing)
@@ -185,4 +131,38 @@ def transform(h: Transformation, old: np.ndarray, batch_size: int = 8192) -> tup
     if not outs:
         return np.zeros((0, h.new_dim), np.float32), np.zeros(0)
     return np.concatenate(outs), np.concatenate(sigmas)
+
+
+class PrototypeHead(nn.Module):
+    """A class head without a classifier: logits = cosine(x, class mean) / temperature, from
+    class means of new embeddings (`from_embeddings`). Frozen; used for h's class term."""
+
+    def __init__(self, prototypes: torch.Tensor, temperature: float = 0.1):
+        super().__init__()
+        if prototypes.dim() != 2 or prototypes.shape[0] < 1:
+            raise ValueError(f"prototypes must be [classes, dim], got {list(prototypes.shape)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.register_buffer("prototypes", torch.nn.functional.normalize(prototypes, dim=1))
+        self.temperature = float(temperature)
+
+    @classmethod
+    def from_embeddings(cls, new: np.ndarray, labels: np.ndarray, num_classes: int,
+                        temperature: float = 0.1) -> "PrototypeHead":
+        """Class means of `new` per label in [0, num_classes); a class without items gets a
+        zero prototype (cosine 0 to everything). Raises ValueError for labels out of range."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != len(new):
+            raise ValueError(f"labels ({len(labels)}) and new ({len(new)}) differ in length")
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), got "
+                             f"[{labels.min()}, {labels.max()}]")
+        sums = np.zeros((num_classes, new.shape[1]), np.float64)
+        np.add.at(sums, labels, new)
+        counts = np.bincount(labels, minlength=num_classes)[:, None]
+        means = sums / np.maximum(counts, 1)
+        return cls(torch.from_numpy(means.astype(np.float32)), temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x, dim=1) @ self.prototypes.T / self.temperature
 

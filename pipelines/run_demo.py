@@ -12,10 +12,10 @@ from fastfill_udfs.cli import job_parser, run_job
 if __name__ == "__main__":
     parser = job_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--skip-study", action="store_true",
-                        help="reuse the models in the manifest instead of training them again")
+                        help="reuse the registered models (models.old/new/h) instead of training them again")
 
     def _demo(cfg, args):
-        from fastfill_udfs.demo import run_demo
+        from fastfill_udfs.demo.run import run_demo
 
         run_demo(cfg, master=args.master, skip_study=args.skip_study)
 

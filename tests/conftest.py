@@ -13,6 +13,23 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+def _fashion_mnist_dir() -> Path:
+    from fastfill_udfs.config import load_config
+
+    return Path(load_config([]).get_path("data.fashion_mnist_dir"))
+
+
+# Tests that need Fashion-MNIST look where the config says. Under scripts/test.sh (and so in
+# CI) FASTFILL_REQUIRE_DATA=1: nothing skips for want of data, a missing dataset fails them.
+FASHION_MNIST_DIR = _fashion_mnist_dir()
+FMNIST_INSTALLED = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
+REQUIRE_DATA = os.environ.get("FASTFILL_REQUIRE_DATA") == "1"
+needs_fashion_mnist = pytest.mark.skipif(
+    not FMNIST_INSTALLED and not REQUIRE_DATA,
+    reason=f"Fashion-MNIST not installed at {FASHION_MNIST_DIR} (data.fashion_mnist_dir; "
+    "sudo apt-get install dataset-fashion-mnist)")
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from fastfill_udfs.spark.session import get_spark
@@ -37,6 +54,5 @@ def test_config(tmp_path):
     return load_config(["conf/test.yaml"], [
         f"paths.warehouse={tmp_path / 'warehouse'}",
         f"paths.outputs={tmp_path / 'outputs'}",
-        f"paths.models={tmp_path / 'models'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ])

@@ -33,7 +33,7 @@ def test_unknown_key_on_command_line_is_named():
     ("backfill.batch_size=many", "backfill.batch_size"),
     ("transformation.lr=fast", "transformation.lr"),
     ("backfill.evaluate=3", "backfill.evaluate"),
-    ("models.old.classes=[0, x]", r"models.old.classes\[1\]"),
+    ("demo.old_model.classes=[0, x]", r"demo.old_model.classes\[1\]"),
     ("spark=local", "spark"),
 ])
 def test_ill_typed_values_name_the_key(override, key):

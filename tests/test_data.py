@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from fastfill_udfs.data import (
-    DEFAULT_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
     IDXFormatError,
     ImageDecodeError,
@@ -27,12 +26,8 @@ from fastfill_udfs.data import (
 )
 
 DATA = Path(__file__).parent / "data"
-FMNIST_INSTALLED = (Path(DEFAULT_FASHION_MNIST_ROOT) / "t10k-images-idx3-ubyte.gz").is_file()
-needs_fmnist = pytest.mark.skipif(
-    not FMNIST_INSTALLED,
-    reason=f"Fashion-MNIST not installed at {DEFAULT_FASHION_MNIST_ROOT} "
-    "(sudo apt-get install dataset-fashion-mnist)",
-)
+from tests.conftest import FASHION_MNIST_DIR  # noqa: E402
+from tests.conftest import needs_fashion_mnist as needs_fmnist  # noqa: E402
 
 
 def write_idx(path: Path, arr: np.ndarray, code: int = 0x08, *, compress: bool = True,
@@ -119,7 +114,7 @@ def test_load_fashion_mnist_count_mismatch(tmp_path):
 
 @needs_fmnist
 def test_load_fashion_mnist_real_test_split():
-    images, labels = load_fashion_mnist(None, "test")
+    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
     golden = read_idx(DATA / "fashion_mnist_first3" / "t10k-images-idx3-ubyte.gz")

@@ -10,7 +10,8 @@ import torch
 from fastfill_udfs.model_store import (SPEC_FILE, WEIGHTS_FILE, load_model, load_model_dir,
                                        log_model, model_from_bytes, model_to_bytes,
                                        save_model_dir)
-from fastfill_udfs.models import EmbeddingCNN, Transformation, model_spec
+from fastfill_udfs.demo.cnn import EmbeddingCNN
+from fastfill_udfs.models import Transformation, model_spec
 
 
 class Payload:

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastfill_udfs.models import (EmbeddingCNN, Transformation, build_model, model_spec,
+from fastfill_udfs.demo.cnn import EmbeddingCNN
+from fastfill_udfs.models import (Transformation, build_model, model_spec,
                                   sigma_from_s)
 
 

@@ -44,3 +44,12 @@ def test_contract_tables_match_the_code():
 
     for name in TablePaths.__dataclass_fields__:
         assert f"`{name}`" in README or f"/{name}`" in README, name
+
+
+def test_own_gallery_example_config_is_the_readme_block():
+    """conf/my_gallery.yaml is the README's "Your own gallery" config, verbatim."""
+    section = README[README.index("## Your own gallery"):README.index("## Running the jobs")]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
+    assert (ROOT / "conf" / "my_gallery.yaml").read_text() == block
+    cfg = load_config(["conf/my_gallery.yaml"])
+    assert cfg.get_path("data.dataset") == "gallery_table"

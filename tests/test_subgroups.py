@@ -44,7 +44,7 @@ def test_share_in_first_fraction_of_the_order():
 
 
 def test_biased_sampling_keeps_the_configured_minority_fraction():
-    from fastfill_udfs.demo_data import Split, old_model_subset, subgroup_of
+    from fastfill_udfs.demo.protocol import Split, old_model_subset, subgroup_of
 
     cfg = load_config(["conf/biased_footwear.yaml"])
     labels = np.repeat(np.arange(10), 1000)

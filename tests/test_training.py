@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastfill_udfs.training import (OBJECTIVES, cosine_with_warmup, images_to_tensor,
-                                    train_embedding_model, train_transformation, transform)
+from fastfill_udfs.training import (OBJECTIVES, PrototypeHead, cosine_with_warmup,
+                                    train_transformation, transform)
 
 
 @pytest.fixture(autouse=True)
@@ -96,11 +96,8 @@ def test_objective_and_input_validation():
     assert OBJECTIVES == ("fastfill", "fct")
     with pytest.raises(ValueError, match="objective must be one of"):
         train_transformation(old, new, None, objective="l2")
-    with pytest.raises(ValueError, match="needs labels and new_classifier"):
+    with pytest.raises(ValueError, match="with labels needs new_classifier"):
         train_transformation(old, new, np.zeros(64, dtype=np.int64), objective="fastfill")
-    with pytest.raises(ValueError, match="needs labels and new_classifier"):
-        train_transformation(old, new, None, objective="fastfill",
-                             new_classifier=nn.Linear(12, 3))
     with pytest.raises(ValueError, match="equal length"):
         train_transformation(old, new[:10], None, objective="fct")
     with pytest.raises(ValueError, match="equal length"):
@@ -111,28 +108,29 @@ def test_objective_and_input_validation():
         train_transformation(old, bad, None, objective="fct")
 
 
-def test_train_embedding_model_tiny_and_validation():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
-    labels = np.arange(64) % 2
-    images[labels == 1, :14] = 255                     # learnable: bright top half
-    model, hist = train_embedding_model(images, labels, num_classes=2, channels=[4],
-                                        embedding_dim=8, epochs=2, batch_size=16, lr=0.01,
-                                        seed=0)
-    assert len(hist.loss) == 2 and len(hist.accuracy) == 2
-    assert not model.training
-    assert model(images_to_tensor(images[:3]))[0].shape == (3, 8)
+def test_fastfill_without_labels_weights_the_alignment_term_alone():
+    """No labels (a gallery without classes): sigma still learns which items h maps badly."""
+    old, new, rng = _linear_problem(n=1024)
+    noisy = old[:, 0] > 0.5
+    new = new + noisy[:, None] * rng.standard_normal(new.shape).astype(np.float32) * 15.0
+    h, hist = train_transformation(old, new, None, objective="fastfill", hidden_dim=64,
+                                   num_hidden_layers=1, epochs=40, batch_size=128, lr=5e-3,
+                                   warmup_epochs=1, seed=0)
+    assert h.has_uncertainty and hist.loss[-1] < hist.loss[0]
+    _, sigma = transform(h, old)
+    assert np.median(sigma[noisy]) > 1.25 * np.median(sigma[~noisy])
+
+
+def test_prototype_head_is_cosine_to_class_means_over_temperature():
+    new = np.array([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 3.0]], dtype=np.float32)
+    head = PrototypeHead.from_embeddings(new, np.array([0, 0, 2, 2]), num_classes=3,
+                                         temperature=0.5)
+    logits = head(torch.tensor([[1.0, 1.0], [0.0, 5.0]])).detach().numpy()
+    c = 1 / np.sqrt(2)
+    # class 1 has no items: a zero prototype, cosine 0
+    assert logits == pytest.approx(np.array([[c / 0.5, 0.0, c / 0.5], [0.0, 0.0, 2.0]]), abs=1e-6)
+    assert not any(p.requires_grad for p in head.parameters())
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
-        train_embedding_model(images, labels + 1, num_classes=2, channels=[4], embedding_dim=8,
-                              epochs=1, batch_size=16, lr=0.01, seed=0)
-    with pytest.raises(ValueError, match="equal length"):
-        train_embedding_model(images, labels[:5], num_classes=2, channels=[4], embedding_dim=8,
-                              epochs=1, batch_size=16, lr=0.01, seed=0)
-
-
-def test_images_to_tensor():
-    x = images_to_tensor(np.full((2, 4, 4), 255, dtype=np.uint8))
-    assert x.shape == (2, 1, 4, 4) and x.max().item() == 1.0
-    assert images_to_tensor(np.zeros((2, 4, 4, 3), dtype=np.uint8)).shape == (2, 3, 4, 4)
-    with pytest.raises(ValueError, match="shape"):
-        images_to_tensor(np.zeros((4, 4), dtype=np.uint8))
+        PrototypeHead.from_embeddings(new, np.array([0, 0, 2, 2]), num_classes=2)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        PrototypeHead(torch.ones(2, 2), temperature=0.0)

@@ -25,9 +25,11 @@ class TablePaths:
     queries: str
     query_features: str
     quarantine: str
+    train_pairs: str
     backfill_plan: str | None = None
     gallery_features: str | None = None
     backfill_log: str | None = None
+    backfill_lease: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
         return asdict(self)
@@ -51,10 +53,12 @@ def table_paths(cfg: Config, run: str | None = None) -> TablePaths:
         base = f"{root}/runs/{run}"
         per_run = dict(backfill_plan=f"{base}/backfill_plan",
                        gallery_features=f"{base}/gallery_features",
-                       backfill_log=f"{base}/backfill_log")
+                       backfill_log=f"{base}/backfill_log",
+                       backfill_lease=f"{base}/backfill_lease")
     return TablePaths(gallery=f"{root}/gallery", queries=f"{root}/queries",
                       query_features=f"{root}/query_features",
-                      quarantine=f"{root}/quarantine", **per_run)
+                      quarantine=f"{root}/quarantine", train_pairs=f"{root}/train_pairs",
+                      **per_run)
 
 
 def is_delta_table(spark: SparkSession, path: str) -> bool:
@@ -116,29 +120,39 @@ def latest_version(spark: SparkSession, path: str) -> int:
     return int(row["version"])
 
 
-QUARANTINE_SCHEMA = "id string, stage string, run string, reason string, detected_at timestamp"
+QUARANTINE_SCHEMA = ("id string, stage string, run string, reason string, detected_at timestamp, "
+                     "batch_id int")
+QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill")
+
+
+def _quarantine_condition(stage: str, run: str | None, batch_id: int | None) -> str:
+    condition = f"stage = '{stage}' AND " + (f"run = '{run}'" if run else "run IS NULL")
+    if batch_id is not None:
+        condition += f" AND batch_id = {int(batch_id)}"
+    return condition
 
 
 def write_quarantine(spark: SparkSession, path: str, rows: DataFrame, stage: str,
-                     run: str | None = None) -> int:
-    """Replace the quarantine rows of (`stage`, `run`) with `rows` (columns id, reason).
-
-    One atomic Delta commit (replaceWhere), so a rerun never duplicates rows. Returns the count."""
-    from pyspark.sql import functions as F
-
+                     run: str | None = None, batch_id: int | None = None) -> int:
+    """Replace the quarantine rows of (`stage`, `run`[, `batch_id`]) with `rows` (columns id,
+    reason). One atomic Delta commit (replaceWhere), so a rerun never duplicates rows.
+    Returns the count. Raises ValueError for an unknown stage."""
+    if stage not in QUARANTINE_STAGES:
+        raise ValueError(f"quarantine stage must be one of {QUARANTINE_STAGES}, got {stage!r}")
     out = rows.select(
         F.col("id").cast("string"), F.lit(stage).alias("stage"),
         F.lit(run).cast("string").alias("run"), F.col("reason").cast("string"),
-        F.current_timestamp().alias("detected_at"))
-    condition = f"stage = '{stage}' AND " + (f"run = '{run}'" if run else "run IS NULL")
+        F.current_timestamp().alias("detected_at"), F.lit(batch_id).cast("int").alias("batch_id"))
+    condition = _quarantine_condition(stage, run, batch_id)
     if not is_delta_table(spark, path):
         write_table(spark.createDataFrame([], QUARANTINE_SCHEMA), path)
-    out.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path)
+    (out.write.format("delta").mode("overwrite").option("replaceWhere", condition)
+     .option("mergeSchema", "true").save(path))
     return read_table(spark, path).where(condition).count()
 
 
-def quarantine_count(spark: SparkSession, path: str, stage: str, run: str | None = None) -> int:
+def quarantine_count(spark: SparkSession, path: str, stage: str, run: str | None = None,
+                     batch_id: int | None = None) -> int:
     if not is_delta_table(spark, path):
         return 0
-    condition = f"stage = '{stage}' AND " + (f"run = '{run}'" if run else "run IS NULL")
-    return read_table(spark, path).where(condition).count()
+    return read_table(spark, path).where(_quarantine_condition(stage, run, batch_id)).count()

@@ -67,9 +67,16 @@ class RunEvaluator:
         self.gap_pair = self._gap_pair()
 
     def _new_new_reference(self) -> dict:
-        """new/new: the query features as the gallery (queries = gallery items here)."""
+        """new/new: the new model's embeddings of the gallery the curve ranks (the items in
+        gallery_features; quarantined ones are in neither). Known when the queries are the
+        gallery's items (the leave-one-out protocol); {} otherwise (the curve's t=1 is it)."""
         q = self.queries
-        return {f"new_new_{k}": v for k, v in self._scored(q.ids, q.embeddings, q.labels).items()}
+        features = read_table(self.spark, self.paths.gallery_features).select("id").toPandas()
+        in_gallery = np.isin(q.ids, features["id"].to_numpy(dtype=object))
+        if in_gallery.sum() != len(features):
+            return {}
+        out = self._scored(q.ids[in_gallery], q.embeddings[in_gallery], q.labels[in_gallery])
+        return {f"new_new_{k}": v for k, v in out.items()}
 
     def _scored(self, gallery_ids, vectors, gallery_labels) -> dict:
         q = self.queries
@@ -90,7 +97,9 @@ class RunEvaluator:
         features = read_table(self.spark, self.paths.gallery_features, version=version)
         incremental = self.index is not None and self.indexed_batch == batch_id - 1
         if incremental:
-            changed = features.where(F.col("batch_id") == batch_id).select("id", "embedding")
+            changed = (features.where((F.col("planned_batch_id") == batch_id)  # its partition
+                                      & (F.col("batch_id") == batch_id))
+                       .select("id", "embedding"))
             pdf = changed.toPandas()
             self.index.upsert(self.key_of[pdf["id"]].to_numpy(), _to_matrix(pdf, "embedding"))
         else:
@@ -111,7 +120,7 @@ class RunEvaluator:
         for metric in ("top1", "mAP"):
             if pair:
                 out[f"{metric}_gap"] = out[f"{metric}_{pair[0]}"] - out[f"{metric}_{pair[1]}"]
-            for name in self.subgroup_names:  # against the subgroup's own new/new level
+            for name in self.subgroup_names if self.references else ():  # vs own new/new
                 out[f"{metric}_shortfall_{name}"] = (self.references[f"new_new_{metric}_{name}"]
                                                      - out[f"{metric}_{name}"])
         return out
@@ -130,7 +139,7 @@ def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:
     """backfill_log rows sorted by batch, with the cumulative items backfilled."""
     pdf = read_table(spark, table_paths(cfg, run).backfill_log).toPandas()
     pdf = pdf.sort_values("batch_id").reset_index(drop=True)
-    pdf["n_backfilled"] = np.where(pdf["batch_id"] == 0, 0, pdf["n_items"]).cumsum()
+    pdf["n_backfilled"] = pdf["n_items"].cumsum()  # batch 0: items already new (h's pairs)
     return pdf
 
 
@@ -149,6 +158,20 @@ def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
     return str(row["started_at"])
 
 
+def run_curve_auc(fractions, values) -> float:
+    """Trapezoid area over t in [0, 1] of a run's curve, held flat before its first point and
+    after its last: a run whose batch 0 already holds new embeddings (h's training pairs)
+    starts above t=0, and one with images quarantined at backfill ends below t=1 (those items
+    stay transformed). With points at 0 and 1 it is `simulate.curve_auc` itself."""
+    t = np.asarray(fractions, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if len(t) and t[0] > 0:
+        t, v = np.r_[0.0, t], np.r_[v[0], v]
+    if len(t) and t[-1] < 1:
+        t, v = np.r_[t, 1.0], np.r_[v, v[-1]]
+    return curve_auc(t, v)
+
+
 def curve_from_history(client, mlflow_run_id: str) -> pd.DataFrame:
     """The curve as logged: one row per step with backfill_fraction and metrics."""
     frames = []
@@ -163,19 +186,26 @@ def curve_from_history(client, mlflow_run_id: str) -> pd.DataFrame:
 class BackfillTracker:
     """MLflow side of one backfill run: parameters, per-step metrics, final AUCs and curve."""
 
-    def __init__(self, spark: SparkSession, cfg: Config, run: str, policy: str,
-                 model_uris: dict[str, str] | None = None):
-        from fastfill_udfs.policies import batching_from_config
+    def __init__(self, spark: SparkSession, cfg: Config, run: str, policy: str):
+        from fastfill_udfs.spark.rank import plan_metadata
         from fastfill_udfs.tracking import backfill_mlflow_run
 
-        self.spark, self.cfg, self.run, self.policy = spark, cfg, run, policy
+        self.spark, self.cfg, self.run = spark, cfg, run
+        meta = plan_metadata(spark, cfg, run) or {}
+        self.policy = policy = meta.get("policy", policy)
         self.evaluator = RunEvaluator(spark, cfg, run)
         paths = self.evaluator.paths
-        params = {
-            "policy": policy, "run": run, "dataset": cfg.get_path("data.dataset"),
-            **{f"model_{k}": v for k, v in (model_uris or {}).items()},
-            **{f"backfill_{k}": v for k, v in batching_from_config(cfg.get_path("backfill")).items()},
-            "n_gallery": len(self.evaluator.gallery), "n_queries": len(self.evaluator.queries.ids),
+        params = {  # what the plan was made from (batch 0's record), not today's config
+            "policy": policy, "run": run, "dataset": meta.get("dataset"),
+            "model_new": (meta.get("new_model") or {}).get("version"),
+            "model_new_uri": (meta.get("new_model") or {}).get("uri"),
+            "model_h": (meta.get("h") or {}).get("version"),
+            "model_h_uri": (meta.get("h") or {}).get("uri"),
+            "new_dim": meta.get("new_dim"),
+            **{f"backfill_{k}": v for k, v in (meta.get("batching") or {}).items()},
+            "n_gallery": meta.get("gallery_features"), "n_quarantined_at_rank":
+                meta.get("quarantine"), "n_train_pairs": meta.get("pairs"),
+            "n_queries": len(self.evaluator.queries.ids),
             "gallery_table": paths.gallery, "query_features_table": paths.query_features,
             "features_table": paths.gallery_features, "log_table": paths.backfill_log,
             "plan_table": paths.backfill_plan,
@@ -239,14 +269,16 @@ class BackfillTracker:
             log.info("evaluate %s: %d of %d steps logged; AUCs once the run completes",
                      self.run, len(curve), n_planned + 1)
             return None
-        aucs = {f"{m}_auc": curve_auc(curve["backfill_fraction"], curve[m]) for m in ("mAP", "top1")}
+        aucs = {f"{m}_auc": run_curve_auc(curve["backfill_fraction"], curve[m])
+                for m in ("mAP", "top1")}
         log_step_metrics(self.run_id, aucs, step=n_planned)
         with tempfile.TemporaryDirectory() as tmp:
             csv, png = Path(tmp) / "curve.csv", Path(tmp) / "curve.png"
             curve.to_csv(csv, index=False)
+            refs = self.evaluator.references
             plot_curves(curve.assign(policy=self.policy), png,
-                        references={"new/new": {m: self.evaluator.references[f"new_new_{m}"]
-                                                for m in ("mAP", "top1")}},
+                        references={"new/new": {m: refs[f"new_new_{m}"] for m in ("mAP", "top1")}}
+                        if refs else None,
                         title=f"{self.run}: retrieval vs backfill fraction")
             client.log_artifact(self.run_id, str(csv))
             client.log_artifact(self.run_id, str(png))

@@ -1,107 +1,232 @@
-"""Ingest: load a dataset into the `gallery`, `queries` and `query_features` Delta tables.
+"""Ingest: bring the gallery and the queries into the contract's Delta tables `gallery`,
+`queries` and `query_features` (the new model's query embeddings).
 
-The gallery's `old_embedding` is computed by the old model in Spark (this stands in for the
-gallery a user already has); query features by the new model. Undecodable images and bad labels
-go to the `quarantine` table with a reason; row counts reconcile."""
+Gallery sources (`data.dataset`):
+* `gallery_table`: the user's own table (Delta or Parquet) with `id`, `old_embedding` and an
+  image column (bytes or a path/URI); no old model is involved. Copied (validated, columns
+  renamed per `data.columns`, extra columns untouched) into `gallery`, a versioned snapshot
+  every plan is checked against.
+* `image_folder` / `image_table` / `fashion_mnist`: images; `old_embedding` is computed by the
+  old model (`models.old`) in Spark. For the first two the demo's training split
+  (`data.train_fraction`, see `demo.protocol.train_mask`) is held out of the gallery.
+Queries (`data.queries.source`): the gallery items themselves (leave-one-out), a table or an
+image folder. Rows that cannot be used go to `quarantine` with a reason; counts reconcile.
+"""
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from torch import nn
 
 from fastfill_udfs.config import Config
-from fastfill_udfs.spark.delta_io import table_paths, write_quarantine, write_table
-from fastfill_udfs.spark.udfs import ModelPayload, embed_images_fn
-from fastfill_udfs.spark.validation import reconcile
+from fastfill_udfs.model_loading import ModelRef
+from fastfill_udfs.preprocess import Preprocess
+from fastfill_udfs.spark.delta_io import read_table, table_paths, write_quarantine, write_table
+from fastfill_udfs.spark.images import attach_images
+from fastfill_udfs.spark.sources import conform, read_image_folder, read_source_table
+from fastfill_udfs.spark.udfs import embed_images_fn
+from fastfill_udfs.spark.validation import check_gallery, reconcile
 
 log = logging.getLogger(__name__)
-ITEM_SCHEMA = "id string, label int, subgroup string, image binary"
+DATASETS = ("gallery_table", "image_folder", "image_table", "fashion_mnist")
+QUERY_SOURCES = ("gallery", "table", "image_folder")
+URI_CHUNK = 50_000  # image URIs named per binaryFile read when a whole source is embedded
 
 
-def load_source_items(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(items[id, label, subgroup, image], rejected[id, reason]) for `data.dataset`."""
-    from fastfill_udfs.data import encode_png, load_image_folder, load_image_table
-    from fastfill_udfs.demo_data import load_split, subgroup_of
-
-    dataset = cfg.get_path("data.dataset")
-    own_column = cfg.get_path("data.subgroups.column")
-    if own_column and dataset != "image_table":
-        raise ValueError(f"data.subgroups.column ({own_column!r}) is read from an image table; "
-                         f"data.dataset is {dataset!r} (use data.subgroups.minority_classes)")
-    if dataset == "fashion_mnist":
-        split = load_split(cfg, "test")
-        items = pd.DataFrame({"id": split.ids.astype(str), "label": split.labels.astype(np.int32),
-                              "subgroup": split.subgroups.astype(str),
-                              "image": [encode_png(img) for img in split.images]})
-        return items, pd.DataFrame({"id": [], "reason": []})
-    if dataset == "image_folder":
-        items, rejected = load_image_folder(cfg.resolve_path("data.image_folder"))
-    elif dataset == "image_table":
-        items, rejected = load_image_table(cfg.resolve_path("data.image_table"),
-                                           extra_columns=[own_column] if own_column else [])
-    else:
-        raise ValueError(f"data.dataset must be fashion_mnist, image_folder or image_table, "
-                         f"got {dataset!r}")
-    items = items.copy()
-    items["label"] = items["label"].astype(np.int32)
-    if own_column:  # the user's subgroups; a null one means "no subgroup" (left out of them)
-        items["subgroup"] = [("" if v is None or v != v else str(v)) for v in items[own_column]]
-    else:
-        items["subgroup"] = subgroup_of(items["label"].to_numpy(), cfg).astype(str)
-    return items[["id", "label", "subgroup", "image"]], rejected[["id", "reason"]]
-
-
-def embed_images(spark: SparkSession, df: DataFrame, model: nn.Module, cfg: Config,
+def embed_images(spark: SparkSession, df: DataFrame, model: ModelRef, cfg: Config,
                  keep: list[str]) -> DataFrame:
-    """Add `embedding` (and `reason` for undecodable images) by running `model` in Spark."""
-    payload = spark.sparkContext.broadcast(ModelPayload.from_model(model))
-    schema = ", ".join([f"{f.name} {f.dataType.simpleString()}" for f in df.schema.fields
+    """`df` (with `id` and encoded `image` bytes) -> `keep` columns + `embedding` + `reason`
+    (null when the item embedded), running `model` in Spark (loaded once per worker)."""
+    payload = spark.sparkContext.broadcast(model.payload())
+    schema = ", ".join([f"`{f.name}` {f.dataType.simpleString()}" for f in df.schema.fields
                         if f.name in keep] + ["embedding array<float>", "reason string"])
-    fn = embed_images_fn(payload, keep, device=cfg.get_path("backfill.device"),
+    fn = embed_images_fn(payload, keep, Preprocess.from_config(cfg.get_path("models.preprocess")),
+                         device=cfg.get_path("backfill.device"),
                          batch_size=cfg.get_path("backfill.inference_batch_size"))
     return df.mapInArrow(fn, schema)
 
 
-def ingest(spark: SparkSession, cfg: Config, old_model: nn.Module, new_model: nn.Module) -> dict:
-    """Write gallery, queries (= the gallery items, per the protocol) and query_features.
+def with_image_bytes(spark: SparkSession, df: DataFrame, cfg: Config
+                     ) -> tuple[DataFrame, DataFrame]:
+    """`df` with an `image` bytes column: as it is, or read from `image_uri` (in chunks of
+    URI_CHUNK URIs; missing files come back in the second DataFrame[id, reason])."""
+    if "image_uri" not in df.columns:
+        return df, spark.createDataFrame([], "id string, reason string")
+    root = cfg.get_path("data.image_root")
+    n = df.count()
+    chunks = max(1, -(-n // URI_CHUNK))
+    parts, bad = [], []
+    for k in range(chunks):
+        rows = df.where(F.pmod(F.xxhash64("id"), F.lit(chunks)) == k) if chunks > 1 else df
+        with_bytes, missing = attach_images(spark, rows, root)
+        parts.append(with_bytes)
+        bad.append(missing)
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.unionByName(p)
+    missing = bad[0]
+    for b in bad[1:]:
+        missing = missing.unionByName(b)
+    return union, missing
 
-    Raises ValueError for an empty source or duplicate ids (naming them)."""
+
+def _train_split_filter(cfg: Config):
+    """A mapInArrow function dropping the demo's training items (same rule as the study)."""
+    from fastfill_udfs.demo.protocol import train_mask
+
+    seed, fraction = cfg.get_path("seed"), cfg.get_path("data.train_fraction")
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            ids = batch.column("id").to_numpy(zero_copy_only=False)
+            yield batch.filter(pa.array(~train_mask(ids, seed, fraction)))
+    return run
+
+
+def _derived_subgroups(df: DataFrame, cfg: Config) -> DataFrame:
+    """Fill a null `subgroup` from `data.subgroups` (minority classes vs the rest)."""
+    sub = cfg.get_path("data.subgroups")
+    if not sub["minority_classes"]:
+        return df
+    derived = F.when(F.col("label").isin([int(c) for c in sub["minority_classes"]]),
+                     F.lit(sub["minority_name"])).otherwise(F.lit(sub["majority_name"]))
+    return df.withColumn("subgroup", F.coalesce(F.col("subgroup"),
+                                                F.when(F.col("label").isNotNull(), derived)))
+
+
+def image_source(spark: SparkSession, cfg: Config, dataset: str
+                 ) -> tuple[DataFrame, DataFrame]:
+    """(items[id, label, subgroup, image | image_uri, ...], bad[id, reason]) of an image source,
+    the demo's training split held out (image_folder / image_table with train_fraction > 0)."""
+    empty_bad = spark.createDataFrame([], "id string, reason string")
+    if dataset == "fashion_mnist":
+        from fastfill_udfs.data import encode_png
+        from fastfill_udfs.demo.protocol import load_split
+
+        split = load_split(cfg, "test")
+        items = pd.DataFrame({"id": split.ids.astype(str), "label": split.labels.astype(np.int32),
+                              "subgroup": [g or None for g in split.subgroups],
+                              "image": [encode_png(img) for img in split.images]})
+        df = spark.createDataFrame(items, "id string, label int, subgroup string, image binary")
+        return df, empty_bad
+    if dataset == "image_folder":
+        items, bad = read_image_folder(spark, cfg.resolve_path("data.image_folder"))
+        df = items.select("id", "label", F.lit(None).cast("string").alias("subgroup"),
+                          "image_uri", F.col("content").alias("image"))
+    else:
+        table = read_source_table(spark, cfg.resolve_path("data.image_table"),
+                                  cfg.get_path("data.table_format"), key="data.image_table")
+        df, bad = conform(table, cfg.get_path("data.columns"),
+                          f"image table {cfg.get_path('data.image_table')}", old_embedding=False)
+    if cfg.get_path("data.train_fraction") > 0:
+        df = df.mapInArrow(_train_split_filter(cfg), df.schema)
+    return _derived_subgroups(df, cfg), bad
+
+
+def gallery_source(spark: SparkSession, cfg: Config, old_model: ModelRef | None
+                   ) -> tuple[DataFrame, DataFrame, DataFrame, list[DataFrame]]:
+    """(gallery rows in the contract's shape, bad[id, reason], the source's items, what it
+    cached: unpersist when done) for `data.dataset`; every source item ends up in exactly one
+    of the first two."""
+    dataset = cfg.get_path("data.dataset")
+    if dataset not in DATASETS:
+        raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset == "gallery_table":
+        path = cfg.resolve_path("data.gallery_table")
+        table = read_source_table(spark, path, cfg.get_path("data.table_format"))
+        rows, bad = conform(table, cfg.get_path("data.columns"), f"gallery table {path}",
+                            old_embedding=True)
+        return _derived_subgroups(rows, cfg), bad, table, []
+    if old_model is None:
+        raise ValueError(f"data.dataset {dataset!r} holds images: models.old must name the model "
+                         "that computes their old embeddings")
+    items, bad = image_source(spark, cfg, dataset)
+    source = items.select("id").unionByName(bad.select("id"))
+    with_bytes, missing = with_image_bytes(spark, items, cfg)
+    keep = [c for c in with_bytes.columns if c != "image"]
+    if "image_uri" not in items.columns:
+        keep.append("image")
+    embedded = embed_images(spark, with_bytes, old_model, cfg, keep).persist()
+    good = (embedded.where("reason IS NULL").drop("reason")
+            .withColumnRenamed("embedding", "old_embedding"))
+    bad = bad.unionByName(missing).unionByName(
+        embedded.where("reason IS NOT NULL").select("id", "reason"))
+    return good, bad, source, [embedded]
+
+
+def query_source(spark: SparkSession, cfg: Config, gallery_path: str
+                 ) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(query rows [id, label, subgroup, image | image_uri], bad[id, reason], source items)."""
+    source = cfg.get_path("data.queries.source")
+    if source not in QUERY_SOURCES:
+        raise ValueError(f"data.queries.source must be one of {QUERY_SOURCES}, got {source!r}")
+    empty_bad = spark.createDataFrame([], "id string, reason string")
+    if source == "gallery":
+        gallery = read_table(spark, gallery_path)
+        image = "image_uri" if "image_uri" in gallery.columns else "image"
+        rows = gallery.select("id", "label", "subgroup", image)
+        return rows, empty_bad, rows
+    path = cfg.resolve_path("data.queries.path")
+    if source == "image_folder":
+        items, bad = read_image_folder(spark, path)
+        rows = _derived_subgroups(items.select(
+            "id", "label", F.lit(None).cast("string").alias("subgroup"), "image_uri"), cfg)
+        return rows, bad, items.select("id").unionByName(bad.select("id"))
+    table = read_source_table(spark, path, cfg.get_path("data.table_format"),
+                              key="data.queries.path")
+    rows, bad = conform(table, cfg.get_path("data.columns"), f"query table {path}",
+                        old_embedding=False)
+    image = "image_uri" if "image_uri" in rows.columns else "image"
+    return _derived_subgroups(rows.select("id", "label", "subgroup", image), cfg), bad, table
+
+
+def ingest(spark: SparkSession, cfg: Config, *, new_model: ModelRef,
+           old_model: ModelRef | None = None) -> dict:
+    """Write `gallery`, `queries` and `query_features`; quarantine what cannot be used (stage
+    `ingest` for the gallery, `queries` for the queries).
+
+    Raises ValueError for an empty gallery or duplicate ids (naming a few), a missing or
+    ill-typed source column (naming column and table), ReconciliationError on lost rows."""
     paths = table_paths(cfg)
-    items, rejected = load_source_items(cfg)
-    if items.empty:
-        raise ValueError(f"data source ({cfg.get_path('data.dataset')}) has no valid items"
-                         + (f"; {len(rejected)} rejected" if len(rejected) else ""))
-    dupes = items["id"][items["id"].duplicated()].unique()[:5].tolist()
-    if dupes:
-        raise ValueError(f"data source has duplicated ids, e.g. {dupes}")
-    log.info("ingest: %d items (%d rejected while reading)", len(items), len(rejected))
-    n_parts = max(2, spark.sparkContext.defaultParallelism)
-    source = spark.createDataFrame(items, ITEM_SCHEMA).repartition(n_parts, "id")
-    keep = ["id", "label", "subgroup", "image"]
-    embedded = embed_images(spark, source, old_model, cfg, keep).persist()
-    good = embedded.where("reason IS NULL").withColumnRenamed("embedding", "old_embedding")
-    gallery = good.select(*keep, "old_embedding")
-    write_table(gallery, paths.gallery)
-    write_table(gallery, paths.queries)
-    bad = embedded.where("reason IS NOT NULL").select("id", "reason")
-    if len(rejected):
-        bad = bad.unionByName(spark.createDataFrame(rejected.astype(str), "id string, reason string"))
-    n_quarantined = write_quarantine(spark, paths.quarantine, bad, stage="ingest")
-    embedded.unpersist()
+    rows, bad, source, cached = gallery_source(spark, cfg, old_model)
+    where = f"gallery source ({cfg.get_path('data.dataset')})"
+    rows = rows.persist()
+    try:
+        n_gallery = check_gallery(rows.select("id"), where)
+        write_table(rows, paths.gallery, metadata={"source": cfg.get_path("data.dataset")})
+        n_bad = write_quarantine(spark, paths.quarantine, bad, stage="ingest")
+        n_source = source.count()
+    finally:  # a failing job releases what it cached
+        for df in [rows, *cached]:
+            df.unpersist()
+    log.info("ingest: gallery %d rows, %d quarantined", n_gallery, n_bad)
 
-    queries = spark.read.format("delta").load(paths.queries)
-    features = embed_images(spark, queries.select(*keep), new_model, cfg, keep)
-    write_table(features.where("reason IS NULL").select("id", "label", "subgroup", "embedding"),
-                paths.query_features)
-    counts = {"source": len(items) + len(rejected),
-              "gallery": spark.read.format("delta").load(paths.gallery).count(),
-              "quarantine": n_quarantined,
-              "queries": queries.count(),
-              "query_features": spark.read.format("delta").load(paths.query_features).count()}
-    reconcile(counts, [("source", "gallery+quarantine"), ("queries", "query_features")])
+    queries, q_bad, q_source = query_source(spark, cfg, paths.gallery)
+    n_q_source = q_source.count()
+    write_table(queries, paths.queries)
+    queries = read_table(spark, paths.queries)
+    with_bytes, missing = with_image_bytes(spark, queries, cfg)
+    features = embed_images(spark, with_bytes, new_model, cfg,
+                            ["id", "label", "subgroup"]).persist()
+    try:
+        write_table(features.where("reason IS NULL").select("id", "label", "subgroup",
+                                                            "embedding"),
+                    paths.query_features, metadata={"new_model": new_model.identity})
+        n_q_bad = write_quarantine(spark, paths.quarantine, q_bad.unionByName(missing).unionByName(
+            features.where("reason IS NOT NULL").select("id", "reason")), stage="queries")
+    finally:
+        features.unpersist()
+    counts = {"source": n_source, "gallery": read_table(spark, paths.gallery).count(),
+              "quarantine": n_bad, "query_source": n_q_source,
+              "queries": read_table(spark, paths.queries).count(),
+              "query_features": read_table(spark, paths.query_features).count(),
+              "query_quarantine": n_q_bad}
+    reconcile(counts, [("source", "gallery+quarantine"),
+                       ("query_source", "query_features+query_quarantine")])
     log.info("ingest: wrote %s", counts)
     return counts

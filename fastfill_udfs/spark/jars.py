@@ -100,6 +100,10 @@ def write_spark_defaults(cache: Path = JAR_CACHE) -> Path:
     path = conf_dir / "spark-defaults.conf"
     lines = ["# Written by fastfill_udfs.spark.jars (scripts/setup.sh); rerun it to refresh."]
     lines += [f"{k}  {v}" for k, v in delta_spark_conf(cache).items()]
+    # plain `spark-submit` (venv not activated) runs the driver and workers on this
+    # interpreter, which has the project's packages, not on whatever `python3` is on PATH
+    lines += [f"spark.pyspark.python  {sys.executable}",
+              f"spark.pyspark.driver.python  {sys.executable}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -1,26 +1,37 @@
-"""The pipeline's jobs, wired: session, models from the manifest, tables, MLflow. Each
-`pipelines/<job>.py` and notebook cell calls one of these."""
+"""The pipeline's jobs, wired: session, models (MLflow URIs or entry points from config, one
+loader), tables, MLflow. Each `pipelines/<job>.py` and notebook cell calls one of these.
+
+JOBS lists them in the order a whole pipeline runs them (the Databricks bundle is checked
+against it)."""
 from __future__ import annotations
 
 import logging
 
 from fastfill_udfs.config import Config
-from fastfill_udfs.model_manifest import load_manifest_model, read_manifest
+from fastfill_udfs.model_loading import load_configured_model
 from fastfill_udfs.spark.delta_io import run_id_for
 from fastfill_udfs.spark.session import get_spark
 
 log = logging.getLogger(__name__)
-
-
-def h_model_name(cfg: Config) -> str:
-    return f"h_{cfg.get_path('transformation.objective')}"
+JOBS = ("ingest", "train_transformation", "rank_gallery", "backfill", "evaluate")
 
 
 def ingest_job(cfg: Config, *, master: str | None = None) -> dict:
+    """Gallery, queries and query features (old model only for image sources)."""
     from fastfill_udfs.spark.ingest import ingest
 
     spark = get_spark(cfg["spark"], master=master)
-    return ingest(spark, cfg, load_manifest_model(cfg, "old"), load_manifest_model(cfg, "new"))
+    old = (None if cfg.get_path("data.dataset") == "gallery_table"
+           else load_configured_model(cfg, "old"))
+    return ingest(spark, cfg, new_model=load_configured_model(cfg, "new"), old_model=old)
+
+
+def train_transformation_job(cfg: Config, *, master: str | None = None) -> dict:
+    """Sample gallery rows, embed them with the new model, train `h`, log and register it."""
+    from fastfill_udfs.spark.train_transformation import train_transformation_on_gallery
+
+    spark = get_spark(cfg["spark"], master=master)
+    return train_transformation_on_gallery(spark, cfg, load_configured_model(cfg, "new"))
 
 
 def rank_job(cfg: Config, *, policy: str | None = None, master: str | None = None,
@@ -29,8 +40,22 @@ def rank_job(cfg: Config, *, policy: str | None = None, master: str | None = Non
 
     policy = policy or cfg.get_path("backfill.policy")
     spark = get_spark(cfg["spark"], master=master)
-    h = load_manifest_model(cfg, h_model_name(cfg))
-    return rank_gallery(spark, cfg, h, policy, run_id_for(cfg, policy), force=force)
+    h = load_configured_model(cfg, "h")
+    return rank_gallery(spark, cfg, h, load_configured_model(cfg, "new"), policy,
+                        run_id_for(cfg, policy), force=force)
+
+
+def _lease(spark, cfg: Config, run: str):
+    """The run's lease; raises TableNotFoundError (before creating anything) for a run that
+    is not ranked."""
+    from fastfill_udfs.spark.backfill import run_lease
+    from fastfill_udfs.spark.delta_io import TableNotFoundError, table_paths
+    from fastfill_udfs.spark.rank import is_ranked
+
+    if not is_ranked(spark, cfg, run):
+        raise TableNotFoundError(f"run '{run}' is not ranked yet: run pipelines/rank_gallery.py "
+                                 f"first (no batch 0 in {table_paths(cfg, run).backfill_log})")
+    return run_lease(spark, cfg, run)
 
 
 def _tracker(spark, cfg: Config, policy: str):
@@ -38,9 +63,7 @@ def _tracker(spark, cfg: Config, policy: str):
     from fastfill_udfs.spark.rank import check_ranking_current
 
     check_ranking_current(spark, cfg, run_id_for(cfg, policy))  # no curve of a stale plan
-    models = read_manifest(cfg)["models"]
-    uris = {name: models[name] for name in ("new", h_model_name(cfg)) if name in models}
-    return BackfillTracker(spark, cfg, run_id_for(cfg, policy), policy, uris)
+    return BackfillTracker(spark, cfg, run_id_for(cfg, policy), policy)
 
 
 def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | None = None,
@@ -54,14 +77,16 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
     max_batches = max_batches if max_batches is not None else cfg.get_path("backfill.max_batches")
     spark = get_spark(cfg["spark"], master=master)
     run = run_id_for(cfg, policy)
+    new_model = load_configured_model(cfg, "new")
     tracker = None
-    if evaluate:
-        tracker = _tracker(spark, cfg, policy)
-        tracker.catch_up()
-    done = run_backfill(spark, cfg, load_manifest_model(cfg, "new"), run,
-                        max_batches=max_batches or None,
-                        on_committed=tracker.on_committed if tracker else None)
-    aucs = tracker.finalize() if tracker else None
+    with _lease(spark, cfg, run) as lease:  # before MLflow: a second job must not touch it
+        if evaluate:
+            tracker = _tracker(spark, cfg, policy)
+            tracker.catch_up()
+        done = run_backfill(spark, cfg, new_model, run, max_batches=max_batches or None,
+                            on_committed=tracker.on_committed if tracker else None,
+                            lease=lease)
+        aucs = tracker.finalize() if tracker else None
     return {"run": run, "committed_now": done, "aucs": aucs,
             "mlflow_run_id": tracker.run_id if tracker else None}
 
@@ -70,7 +95,9 @@ def evaluate_job(cfg: Config, *, policy: str | None = None, master: str | None =
     """Evaluate (after the fact) every committed batch of the run not yet logged in MLflow."""
     policy = policy or cfg.get_path("backfill.policy")
     spark = get_spark(cfg["spark"], master=master)
-    tracker = _tracker(spark, cfg, policy)
-    n = tracker.catch_up()
-    return {"run": run_id_for(cfg, policy), "steps_evaluated": n, "aucs": tracker.finalize(),
-            "mlflow_run_id": tracker.run_id}
+    run = run_id_for(cfg, policy)
+    with _lease(spark, cfg, run):
+        tracker = _tracker(spark, cfg, policy)
+        n = tracker.catch_up()
+        aucs = tracker.finalize()
+    return {"run": run, "steps_evaluated": n, "aucs": aucs, "mlflow_run_id": tracker.run_id}

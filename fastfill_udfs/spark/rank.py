@@ -1,6 +1,12 @@
-"""rank_gallery: score the gallery with `h` in a pandas/Arrow UDF, rank it by the policy with a
+"""rank_gallery: score the gallery with `h` in an Arrow UDF, rank it by the policy with a
 distributed sort, cut it into batches, and write `backfill_plan`, the initial
-`gallery_features` (all transformed) and batch 0 of `backfill_log`."""
+`gallery_features` (transformed, plus the items `h` was trained on as `new`) and batch 0 of
+`backfill_log`, whose commit metadata records what the plan was made from (gallery version, h,
+the new model and its dimension, policy, counts).
+
+Layout: `backfill_plan` is partitioned by `batch_id` and carries each item's image (bytes or
+URI), `gallery_features` is partitioned by `planned_batch_id`, so a backfill batch reads and
+rewrites only its own partition (write and read amplification ~1)."""
 from __future__ import annotations
 
 import logging
@@ -8,18 +14,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
-from fastfill_udfs.models import Transformation
+from fastfill_udfs.model_loading import ModelRef
 from fastfill_udfs.policies import POLICIES, batching_from_config
 from fastfill_udfs.spark.delta_io import (commit_metadata, is_delta_table, latest_version,
-                                          read_table, table_paths, write_quarantine, write_table)
-from fastfill_udfs.spark.udfs import ModelPayload, transform_fn
-from fastfill_udfs.spark.validation import (check_embedding_dim, check_not_empty,
-                                            check_unique_ids, reconcile)
+                                          quarantine_count, read_table, table_paths,
+                                          write_quarantine, write_table)
+from fastfill_udfs.spark.udfs import transform_fn
+from fastfill_udfs.spark.validation import check_embedding_dim, check_gallery, reconcile
 
 log = logging.getLogger(__name__)
 LOG_SCHEMA = ("batch_id int, n_items long, table_version long, started_at timestamp, "
@@ -44,7 +51,8 @@ def batch_id_column(rank: Column, n_items: int, *, batch_size: int | None = None
 
 
 @contextmanager
-def assign_ranks(scored: DataFrame) -> Iterator[DataFrame]:
+def assign_ranks(scored: DataFrame, storage: StorageLevel = StorageLevel.DISK_ONLY
+                 ) -> Iterator[DataFrame]:
     """Context manager yielding `scored` with `rank` added (0 = highest score; ties by id), by a
     distributed sort: each sorted partition counts its rows, the driver turns the (few) counts
     into offsets, and rank = offset + position in partition. Nothing but one count per
@@ -53,7 +61,7 @@ def assign_ranks(scored: DataFrame) -> Iterator[DataFrame]:
     ordered = (scored.orderBy(F.desc("score"), F.asc("id"))
                .withColumn("_part", F.spark_partition_id())
                .withColumn("_mid", F.monotonically_increasing_id())
-               .persist(StorageLevel.MEMORY_AND_DISK))
+               .persist(storage))
     try:
         counts = sorted((r["_part"], r["count"])
                         for r in ordered.groupBy("_part").count().collect())
@@ -72,29 +80,40 @@ def assign_ranks(scored: DataFrame) -> Iterator[DataFrame]:
 
 
 RANKED_ON = "ranked_on_gallery_version"  # key of the batch-0 commit's metadata
+FEATURES_COLUMNS = ("id", "embedding", "source", "batch_id", "updated_at", "model_version",
+                    "planned_batch_id")
 
 
 class StaleRankingError(ValueError):
     """A run's plan was ranked on another gallery version or another `h` than the current."""
 
 
+def plan_metadata(spark: SparkSession, cfg: Config, run: str) -> dict | None:
+    """What batch 0 of `run` recorded about its plan (gallery version, h, new model, new_dim,
+    policy, counts); None for a run not ranked (or ranked before this was recorded)."""
+    path = table_paths(cfg, run).backfill_log
+    if not is_delta_table(spark, path):
+        return None
+    return commit_metadata(spark, path, RANKED_ON)
+
+
 def check_ranking_current(spark: SparkSession, cfg: Config, run: str,
-                          h_key: str | None = None) -> None:
+                          h: ModelRef | None = None) -> None:
     """Raise StaleRankingError when `run` was ranked on another version of the gallery table (a
-    new ingest) or, given `h_key`, with another `h`. Runs ranked before this was recorded pass."""
-    paths = table_paths(cfg, run)
-    if not is_delta_table(spark, paths.backfill_log):
-        return  # not ranked at all: the caller says so in its own words
-    ranked = commit_metadata(spark, paths.backfill_log, RANKED_ON)
+    new ingest) or, given `h`, with another `h` (version or weights)."""
+    ranked = plan_metadata(spark, cfg, run)
     if ranked is None:
-        return
+        return  # not ranked at all: the caller says so in its own words
+    paths = table_paths(cfg, run)
     problems = []
     now = latest_version(spark, paths.gallery)
     if ranked[RANKED_ON] != now:
         problems.append(f"the gallery table is at version {now}, the plan was ranked on version "
                         f"{ranked[RANKED_ON]}")
-    if h_key is not None and ranked.get("h") != h_key:
-        problems.append(f"h is {h_key}, the plan was ranked with h {ranked.get('h')}")
+    was = ranked.get("h") or {}
+    if h is not None and (was.get("version"), was.get("weights")) != (h.version, h.weights_hash):
+        problems.append(f"models.h is {h.version} (weights {h.weights_hash}), the plan was ranked "
+                        f"with {was.get('version')} (weights {was.get('weights')})")
     if problems:
         raise StaleRankingError(
             f"run '{run}' is stale: {'; '.join(problems)}. Re-rank it with "
@@ -108,28 +127,92 @@ def is_ranked(spark: SparkSession, cfg: Config, run: str) -> bool:
     return is_delta_table(spark, path) and read_table(spark, path).where("batch_id = 0").count() > 0
 
 
-def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: str, run: str,
-                 *, force: bool = False) -> dict:
+def batch_boundaries(ranked: DataFrame, n_items: int, batching: dict) -> list[tuple[float, str]]:
+    """(score, id) of the first item of batches 2, 3, ...: with them any row's batch follows
+    from its own (score, id) alone (`planned_batch_fn`), without joining it to the plan."""
+    from fastfill_udfs.policies import batch_sizes
+
+    starts = np.cumsum(batch_sizes(n_items, **batching))[:-1]
+    if not len(starts):
+        return []
+    rows = (ranked.where(F.col("rank").isin([int(s) for s in starts]))
+            .select("rank", "score", "id").collect())
+    return [(r["score"], r["id"]) for r in sorted(rows, key=lambda r: r["rank"])]
+
+
+def batch_of(scores: np.ndarray, ids: np.ndarray, boundaries: list[tuple[float, str]]
+             ) -> np.ndarray:
+    """1-based batch id of rows ordered by (score descending, id ascending), given the first
+    (score, id) of each batch after the first."""
+    out = np.ones(len(scores), dtype=np.int32)
+    if not boundaries or not len(scores):
+        return out
+    neg = -np.array([b[0] for b in boundaries], dtype=np.float64)
+    bids = np.array([b[1] for b in boundaries], dtype=object)
+    key = -np.asarray(scores, dtype=np.float64)
+    lo = np.searchsorted(neg, key, side="left")
+    hi = np.searchsorted(neg, key, side="right")
+    out += lo.astype(np.int32)
+    for i in np.flatnonzero(hi > lo):  # equal scores: the id decides
+        out[i] += int(np.sum(bids[lo[i]:hi[i]] <= ids[i]))
+    return out
+
+
+def planned_batch_fn(boundaries_bc):
+    """mapInArrow function adding `planned_batch_id` from `score` and `id`."""
+    def run(batches):
+        import pyarrow as pa
+
+        for batch in batches:
+            batch_ids = batch_of(batch.column("score").to_numpy(zero_copy_only=False),
+                                 np.asarray(batch.column("id").to_pylist(), dtype=object),
+                                 boundaries_bc.value)
+            yield pa.RecordBatch.from_arrays(
+                batch.columns + [pa.array(batch_ids, pa.int32())],
+                names=batch.schema.names + ["planned_batch_id"])
+    return run
+
+
+def training_pairs(spark: SparkSession, h: ModelRef, new_model: ModelRef) -> DataFrame | None:
+    """The (id, embedding) pairs `h` was trained on (train_transformation.py records their table
+    and version in h's MLflow run), or None for an `h` trained elsewhere. Raises ValueError when
+    they were embedded by another new model than `new_model`, naming both."""
+    params = h.run_params()
+    table, version = params.get("pairs_table"), params.get("pairs_version")
+    if not table:
+        return None
+    made_by = params.get("new_model_version")
+    if made_by and made_by != new_model.version:
+        raise ValueError(f"h ({h.version}) was trained on pairs embedded by {made_by}, but "
+                         f"models.new is {new_model.version}: retrain h with "
+                         "pipelines/train_transformation.py or point models.new at that model")
+    return (read_table(spark, table, version=int(version))
+            .select("id", F.col("new_embedding").alias("embedding")))
+
+
+def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: ModelRef,
+                 policy: str, run: str, *, force: bool = False) -> dict:
     """Rank the gallery for `run` by `policy` ("uncertainty" | "random").
 
     Skips when the run is already ranked, unless `force`: then the run's log is emptied first
     and the backfill starts over (in a new MLflow run). Raises ValueError for an unknown
-    policy, `uncertainty` with an `h` lacking an uncertainty head, an empty gallery, duplicate
-    ids or a gallery whose embeddings do not fit `h`. Rows with null / wrong-size / NaN
-    embeddings are quarantined with the reason; counts reconcile."""
+    policy, `uncertainty` with an `h` lacking an uncertainty head, a gallery whose embeddings
+    do not fit `h`, or one whose rows are all quarantined (with the count and reasons). Rows
+    with null / wrong-size / NaN embeddings, or a non-finite output of `h`, are quarantined
+    with the reason; counts reconcile."""
     if policy not in POLICIES:
         raise ValueError(f"backfill.policy must be one of {POLICIES}, got {policy!r}")
     if policy == "oracle":
         raise ValueError("policy 'oracle' needs the new model's embeddings of the whole gallery; "
                          "it is an analysis ceiling (see pipelines/run_study.py), not a plan")
-    if policy == "uncertainty" and not h.has_uncertainty:
+    model = h.model
+    if policy == "uncertainty" and not model.has_uncertainty:
         raise ValueError("policy 'uncertainty' needs an h trained with the fastfill objective "
-                         "(this h has no uncertainty head)")
+                         f"(h {h.version} has no uncertainty head)")
     paths = table_paths(cfg, run)
-    payload = ModelPayload.from_model(h)
     if is_ranked(spark, cfg, run):
         if not force:
-            check_ranking_current(spark, cfg, run, h_key=payload.key)
+            check_ranking_current(spark, cfg, run, h=h)
             log.info("rank %s: already ranked (batch 0 in %s); skipping", run, paths.backfill_log)
             return {"skipped": True}
         # Unrank first: a re-rank that dies half-way must not leave the old log (batches done)
@@ -137,44 +220,85 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: Transformation, policy: st
         log.warning("rank %s: --force: discarding the run's backfill log and plan", run)
         write_table(spark.createDataFrame([], LOG_SCHEMA), paths.backfill_log)
     started = datetime.now(timezone.utc)
-    ranked_on = {RANKED_ON: latest_version(spark, paths.gallery), "h": payload.key,
-                 "policy": policy}
-    gallery = read_table(spark, paths.gallery, version=ranked_on[RANKED_ON]).select(
-        "id", "old_embedding")
-    n_gallery = check_not_empty(gallery, f"gallery table {paths.gallery}")
-    check_unique_ids(gallery, f"gallery table {paths.gallery}")
-    check_embedding_dim(gallery, "old_embedding", h.old_dim, f"gallery table {paths.gallery}", "h")
-
-    scored = gallery.mapInArrow(
-        transform_fn(spark.sparkContext.broadcast(payload), h.old_dim, ["id"], policy=policy,
-                     seed=cfg.get_path("seed")),
-        "id string, transformed array<float>, sigma double, score double, reason string",
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    version = latest_version(spark, paths.gallery)
+    gallery = read_table(spark, paths.gallery, version=version)
+    image_col = "image_uri" if "image_uri" in gallery.columns else "image"
+    n_gallery = check_gallery(gallery.select("id"), f"gallery table {paths.gallery}")
+    check_embedding_dim(gallery.limit(1000), "old_embedding", model.old_dim,
+                        f"gallery table {paths.gallery}", f"h ({h.version})")
+    pairs = training_pairs(spark, h, new_model)
+    if pairs is not None:
+        pairs = pairs.join(gallery.select("id"), "id", "left_semi").persist()
+        scored_input = gallery.join(F.broadcast(pairs.select("id")), "id", "left_anti")
+    else:
+        scored_input = gallery
+    scored = scored_input.select("id", "old_embedding", image_col).mapInArrow(
+        transform_fn(spark.sparkContext.broadcast(h.payload()), model.old_dim,
+                     ["id", image_col], policy=policy, seed=cfg.get_path("seed")),
+        f"id string, {image_col} {dict(gallery.dtypes)[image_col]}, transformed array<float>, "
+        "sigma double, score double, reason string",
+    ).persist(StorageLevel.DISK_ONLY)
     try:
-        n_quarantined = write_quarantine(spark, paths.quarantine,
-                                         scored.where("reason IS NOT NULL"), stage="rank", run=run)
+        bad = scored.where("reason IS NOT NULL").select("id", "reason")
+        n_quarantined = bad.count()
+        if n_quarantined or quarantine_count(spark, paths.quarantine, "rank", run):
+            write_quarantine(spark, paths.quarantine, bad, stage="rank", run=run)
+        n_pairs = pairs.count() if pairs is not None else 0
+        n_items = n_gallery - n_quarantined - n_pairs
+        if n_items <= 0 and n_pairs == 0:
+            reasons = (bad.groupBy("reason").count().orderBy(F.desc("count")).limit(3).collect())
+            raise ValueError(
+                f"all {n_gallery} rows of the gallery {paths.gallery} were quarantined at rank "
+                f"(run {run}); most common reasons: "
+                + "; ".join(f"{r['count']} x {r['reason']}" for r in reasons))
         good = scored.where("reason IS NULL")
-        n_items = n_gallery - n_quarantined
         batching = batching_from_config(cfg.get_path("backfill"))
-        with assign_ranks(good.select("id", "score")) as ranked:
-            plan = ranked.withColumn("batch_id", batch_id_column(F.col("rank"), n_items, **batching))
-            write_table(plan.select("id", "score", "rank", "batch_id"), paths.backfill_plan,
-                        partition_by=["batch_id"])
-        write_table(good.select("id", F.col("transformed").alias("embedding"),
-                                F.lit("transformed").alias("source"),
-                                F.lit(None).cast("int").alias("batch_id"),
-                                F.current_timestamp().alias("updated_at")),
-                    paths.gallery_features)
+        boundaries = []
+        if n_items > 0:
+            with assign_ranks(good.select("id", "score", image_col)) as ranked:
+                plan = ranked.withColumn("batch_id",
+                                         batch_id_column(F.col("rank"), n_items, **batching))
+                write_table(plan.select("id", "score", "rank", "batch_id", image_col),
+                            paths.backfill_plan, partition_by=["batch_id"])
+                boundaries = batch_boundaries(ranked, n_items, batching)
+        else:  # h's training pairs cover the whole gallery: nothing left to backfill
+            write_table(spark.createDataFrame(
+                [], f"id string, score double, rank long, batch_id int, {image_col} "
+                    f"{dict(gallery.dtypes)[image_col]}"), paths.backfill_plan,
+                partition_by=["batch_id"])
+        transformed = (good.select("id", "score", "transformed")
+                       .mapInArrow(planned_batch_fn(spark.sparkContext.broadcast(boundaries)),
+                                   "id string, score double, transformed array<float>, "
+                                   "planned_batch_id int")
+                       .select("id", F.col("transformed").alias("embedding"),
+                               F.lit("transformed").alias("source"),
+                               F.lit(None).cast("int").alias("batch_id"),
+                               F.current_timestamp().alias("updated_at"),
+                               F.lit(h.version).alias("model_version"), "planned_batch_id"))
+        if pairs is not None:
+            transformed = transformed.unionByName(pairs.select(
+                "id", F.col("embedding").cast("array<float>"), F.lit("new").alias("source"),
+                F.lit(0).alias("batch_id"), F.current_timestamp().alias("updated_at"),
+                F.lit(new_model.version).alias("model_version"),
+                F.lit(0).alias("planned_batch_id")))
+        write_table(transformed.repartition("planned_batch_id"), paths.gallery_features,
+                    partition_by=["planned_batch_id"])
     finally:
         scored.unpersist()
-    counts = {"gallery": n_gallery, "quarantine": n_quarantined,
+        if pairs is not None:
+            pairs.unpersist()
+    counts = {"gallery": n_gallery, "quarantine": n_quarantined, "pairs": n_pairs,
               "backfill_plan": read_table(spark, paths.backfill_plan).count(),
               "gallery_features": read_table(spark, paths.gallery_features).count()}
-    reconcile(counts, [("gallery", "backfill_plan+quarantine"),
-                       ("backfill_plan", "gallery_features")])
-    version = latest_version(spark, paths.gallery_features)
+    reconcile(counts, [("gallery", "backfill_plan+quarantine+pairs"),
+                       ("gallery_features", "backfill_plan+pairs")])
+    fver = latest_version(spark, paths.gallery_features)
+    metadata = {RANKED_ON: version, "policy": policy, "dataset": cfg.get_path("data.dataset"),
+                "h": h.identity,
+                "new_model": new_model.identity, "new_dim": int(model.new_dim),
+                "image_column": image_col, "batching": batching, **counts}
     log_row = spark.createDataFrame(
-        [(0, counts["gallery_features"], version, started, datetime.now(timezone.utc))], LOG_SCHEMA)
-    write_table(log_row, paths.backfill_log, metadata=ranked_on)  # the marker: ranking is done
-    log.info("rank %s (%s): %s; gallery_features version %d", run, policy, counts, version)
-    return {"skipped": False, **counts, "table_version": version}
+        [(0, n_pairs, fver, started, datetime.now(timezone.utc))], LOG_SCHEMA)
+    write_table(log_row, paths.backfill_log, metadata=metadata)  # the marker: ranking is done
+    log.info("rank %s (%s): %s; gallery_features version %d", run, policy, counts, fver)
+    return {"skipped": False, **counts, "table_version": fver}

@@ -8,6 +8,7 @@ Delta Lake is required: without its jars the helper stops with the setup command
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping
 
 from pyspark.sql import SparkSession
@@ -58,6 +59,10 @@ def get_spark(
             builder = builder.config(key, value)
         if spark_cfg.get("driver_memory"):
             builder = builder.config("spark.driver.memory", spark_cfg["driver_memory"])
+        if not os.environ.get("PYSPARK_PYTHON"):
+            # the workers run on this interpreter (which has numpy, torch, ...), not on the
+            # first `python3` on PATH
+            builder = builder.config("spark.pyspark.python", sys.executable)
     builder = builder.config("spark.sql.session.timeZone", "UTC")
     for key, value in _static_conf(spark_cfg).items():
         builder = builder.config(key, value)

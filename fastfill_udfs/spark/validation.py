@@ -10,6 +10,20 @@ class ReconciliationError(RuntimeError):
     """Row counts across the contract's tables do not add up."""
 
 
+def check_gallery(df: DataFrame, what: str, column: str = "id") -> int:
+    """One aggregate pass: raise ValueError for an empty table, null ids or duplicated ids
+    (naming up to 5 and how many); returns the row count."""
+    row = df.agg(F.count(F.lit(1)).alias("n"), F.count_distinct(column).alias("distinct"),
+                 F.sum(F.col(column).isNull().cast("long")).alias("nulls")).first()
+    if row["n"] == 0:
+        raise ValueError(f"{what} is empty: nothing to rank or backfill")
+    if row["nulls"]:
+        raise ValueError(f"{what} has {row['nulls']} rows with a null {column}")
+    if row["distinct"] < row["n"]:
+        check_unique_ids(df, what, column)
+    return int(row["n"])
+
+
 def check_not_empty(df: DataFrame, what: str) -> int:
     n = df.count()
     if n == 0:

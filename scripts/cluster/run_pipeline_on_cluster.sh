@@ -25,15 +25,15 @@ TRAIN_LIMIT=${FASTFILL_CLUSTER_TRAIN_LIMIT:-1000}
 BATCHES=${FASTFILL_CLUSTER_BATCHES:-2}
 SETS=(
   --set "paths.warehouse=$WORK/warehouse" --set "paths.outputs=$WORK/outputs"
-  --set "paths.models=$WORK/models" --set "mlflow.tracking_uri=sqlite:///$WORK/mlflow.db"
+  --set "mlflow.tracking_uri=sqlite:///$WORK/mlflow.db"
   --set run_name=cluster --set backfill.policy=uncertainty
   --set "data.test_limit=$TEST_LIMIT" --set "data.train_limit=$TRAIN_LIMIT"
   --set "backfill.num_batches=$BATCHES"
 )
 STUDY_SETS=(
   --set "study.policies=[fastfill_uncertainty]" --set transformation.objective=fastfill
-  --set "models.old.channels=[4, 8]" --set models.old.embedding_dim=16
-  --set "models.new.channels=[4, 8]" --set models.new.embedding_dim=24
+  --set "demo.old_model.channels=[4, 8]" --set demo.old_model.embedding_dim=16
+  --set "demo.new_model.channels=[4, 8]" --set demo.new_model.embedding_dim=24
   --set transformation.hidden_dim=32 --set transformation.epochs=2
   --set transformation.batch_size=128
 )
@@ -67,7 +67,7 @@ step "2/6 training tiny models locally (pipelines/run_study.py; no cluster neede
 TS=$(date +%s)
 "$PY" pipelines/run_study.py --config conf/test.yaml "${SETS[@]}" "${STUDY_SETS[@]}" \
   > "$WORK/run_study.log" 2>&1 || { tail -40 "$WORK/run_study.log"; exit 1; }
-test -f "$WORK/models/manifest.json"
+grep -q "h models:/fastfill_h@current -> models:/fastfill_h/" "$WORK/run_study.log"
 echo "run_study $(( $(date +%s) - TS ))" >> "$WORK/timings.txt"
 
 ZIP="$WORK/fastfill_udfs.zip"

@@ -1,6 +1,7 @@
 """Shared, expensive setup for the Spark pipeline tests, done once per test session:
 
-- `pipeline_env`: tiny models trained by the real study job (writes the model manifest) and one
+- `pipeline_env`: tiny models trained by the real study job (registered in the env's MLflow
+  store, where models.old/new/h point) and one
   ingest of a 300-item Fashion-MNIST gallery into a private warehouse + MLflow store.
 - `make_cfg(run_name, *overrides)`: a config on that warehouse, models and MLflow store; tests
   that create per-run tables use their own `run_name` so they never see each other's tables.
@@ -15,9 +16,7 @@ from typing import Callable
 
 import pytest
 
-from fastfill_udfs.data import DEFAULT_FASHION_MNIST_ROOT
-
-FMNIST_INSTALLED = (Path(DEFAULT_FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").is_file()
+from tests.conftest import FASHION_MNIST_DIR, FMNIST_INSTALLED, REQUIRE_DATA
 N_GALLERY = 300
 BATCH_SIZE = 100
 N_BATCHES = 3  # N_GALLERY / BATCH_SIZE
@@ -25,8 +24,8 @@ N_BATCHES = 3  # N_GALLERY / BATCH_SIZE
 # Tiny but real: 1-epoch CNNs with a few channels, a narrow h trained for 2 epochs.
 TINY = [
     "data.train_limit=600", f"data.test_limit={N_GALLERY}",
-    "models.old.channels=[4, 8]", "models.old.embedding_dim=16",
-    "models.new.channels=[4, 8]", "models.new.embedding_dim=24",
+    "demo.old_model.channels=[4, 8]", "demo.old_model.embedding_dim=16",
+    "demo.new_model.channels=[4, 8]", "demo.new_model.embedding_dim=24",
     "transformation.hidden_dim=32", "transformation.epochs=2",
     "transformation.batch_size=128", "transformation.objective=fastfill",
     f"backfill.batch_size={BATCH_SIZE}", "backfill.num_batches=0", "backfill.max_batches=0",
@@ -47,10 +46,10 @@ class PipelineEnv:
 def pipeline_env(spark, tmp_path_factory) -> PipelineEnv:
     from fastfill_udfs.config import load_config
     from fastfill_udfs.spark.jobs import ingest_job
-    from fastfill_udfs.study_job import run_study_job
+    from fastfill_udfs.demo.study_job import run_study_job
 
-    if not FMNIST_INSTALLED:
-        pytest.skip(f"Fashion-MNIST not installed at {DEFAULT_FASHION_MNIST_ROOT} "
+    if not FMNIST_INSTALLED and not REQUIRE_DATA:
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR} "
                     "(sudo apt-get install dataset-fashion-mnist)")
     root = tmp_path_factory.mktemp("ffpipe")
 
@@ -58,7 +57,6 @@ def pipeline_env(spark, tmp_path_factory) -> PipelineEnv:
         return load_config(["conf/test.yaml"], [
             f"paths.warehouse={warehouse or root / 'warehouse'}",
             f"paths.outputs={root / 'outputs'}",
-            f"paths.models={root / 'models'}",
             f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
             *TINY, f"run_name={run_name}", *overrides,
         ])

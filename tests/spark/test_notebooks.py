@@ -23,7 +23,7 @@ def test_notebooks_run_locally_in_sequence(spark, pipeline_env, monkeypatch):
     from tests.spark.conftest import TINY
     monkeypatch.setenv("FASTFILL_SET", ";".join([
         f"paths.warehouse={root / 'warehouse'}", f"paths.outputs={root / 'outputs'}",
-        f"paths.models={root / 'models'}", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
         *TINY, "run_name=nb", "backfill.policy=random"]))
     monkeypatch.chdir(ROOT)
     globals_after = {}

@@ -20,9 +20,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def h_model(pipeline_env):
-    from fastfill_udfs.model_manifest import load_manifest_model
+    from fastfill_udfs.model_loading import load_configured_model
 
-    return load_manifest_model(pipeline_env.make_cfg(), "h_fastfill")
+    return load_configured_model(pipeline_env.make_cfg(), "h")
+
+
+@pytest.fixture(scope="module")
+def new_model(pipeline_env):
+    from fastfill_udfs.model_loading import load_configured_model
+
+    return load_configured_model(pipeline_env.make_cfg(), "new")
 
 
 def _gallery_copy(spark, pipeline_env, name: str, transform):
@@ -34,13 +41,14 @@ def _gallery_copy(spark, pipeline_env, name: str, transform):
     return cfg
 
 
-def test_broken_embeddings_are_quarantined_and_counts_reconcile(spark, pipeline_env, h_model):
+def test_broken_embeddings_are_quarantined_and_counts_reconcile(spark, pipeline_env, h_model,
+                                                                new_model):
     from fastfill_udfs.spark.rank import rank_gallery
 
     ids = sorted(r["id"] for r in read_table(spark, table_paths(pipeline_env.make_cfg()).gallery)
                  .select("id").limit(40).collect())
     nan_id, inf_id, short_id, long_id, null_id = ids[3], ids[11], ids[17], ids[23], ids[31]
-    dim = h_model.old_dim
+    dim = h_model.model.old_dim
 
     def corrupt(df):
         emb = F.col("old_embedding")
@@ -57,7 +65,7 @@ def test_broken_embeddings_are_quarantined_and_counts_reconcile(spark, pipeline_
     cfg = _gallery_copy(spark, pipeline_env, "badrows", corrupt)
     run = "badrows_random"
     paths = table_paths(cfg, run)
-    result = rank_gallery(spark, cfg, h_model, "random", run)
+    result = rank_gallery(spark, cfg, h_model, new_model, "random", run)
 
     quarantine = read_table(spark, paths.quarantine).toPandas().set_index("id")
     assert sorted(quarantine.index) == sorted([nan_id, inf_id, short_id, long_id, null_id])
@@ -85,10 +93,10 @@ def test_broken_embeddings_are_quarantined_and_counts_reconcile(spark, pipeline_
     sizes = plan.groupby("batch_id").size()
     assert sizes.to_dict() == {1: BATCH_SIZE, 2: BATCH_SIZE, 3: n_good - 2 * BATCH_SIZE}
     log = read_table(spark, paths.backfill_log).toPandas()
-    assert log["batch_id"].tolist() == [0] and log["n_items"].tolist() == [n_good]
+    assert log["batch_id"].tolist() == [0] and log["n_items"].tolist() == [0]  # none new yet
 
 
-def test_duplicate_ids_are_named(spark, pipeline_env, h_model):
+def test_duplicate_ids_are_named(spark, pipeline_env, h_model, new_model):
     from fastfill_udfs.spark.rank import rank_gallery
 
     gallery = read_table(spark, table_paths(pipeline_env.make_cfg()).gallery)
@@ -97,50 +105,55 @@ def test_duplicate_ids_are_named(spark, pipeline_env, h_model):
                         lambda df: df.unionByName(df.where(F.col("id") == dupe)))
     run = "dupes_uncertainty"
     with pytest.raises(ValueError, match=f"duplicated ids.*{dupe}"):
-        rank_gallery(spark, cfg, h_model, "uncertainty", run)
+        rank_gallery(spark, cfg, h_model, new_model, "uncertainty", run)
     assert not is_delta_table(spark, table_paths(cfg, run).backfill_log)
 
 
-def test_empty_gallery_is_an_error(spark, pipeline_env, h_model):
+def test_empty_gallery_is_an_error(spark, pipeline_env, h_model, new_model):
     from fastfill_udfs.spark.rank import rank_gallery
 
     cfg = _gallery_copy(spark, pipeline_env, "empty", lambda df: df.limit(0))
     run = "empty_uncertainty"
     with pytest.raises(ValueError, match="empty"):
-        rank_gallery(spark, cfg, h_model, "uncertainty", run)
+        rank_gallery(spark, cfg, h_model, new_model, "uncertainty", run)
     assert not is_delta_table(spark, table_paths(cfg, run).backfill_plan)
 
 
-def test_h_with_other_old_dim_names_both_dims(spark, pipeline_env, h_model):
+def test_h_with_other_old_dim_names_both_dims(spark, pipeline_env, h_model, new_model):
     from fastfill_udfs.models import Transformation
     from fastfill_udfs.spark.rank import rank_gallery
 
-    wrong = Transformation(old_dim=h_model.old_dim + 5, new_dim=h_model.new_dim,
-                           hidden_dim=8).eval()
+    from fastfill_udfs.model_loading import ModelRef
+
+    h = h_model.model
+    wrong = ModelRef.from_module(Transformation(old_dim=h.old_dim + 5, new_dim=h.new_dim,
+                                                hidden_dim=8))
     cfg = pipeline_env.make_cfg("dimcheck")
     with pytest.raises(ValueError) as err:
-        rank_gallery(spark, cfg, wrong, "uncertainty", "dimcheck_uncertainty")
+        rank_gallery(spark, cfg, wrong, new_model, "uncertainty", "dimcheck_uncertainty")
     msg = str(err.value)
-    assert f"dimension {h_model.old_dim + 5}" in msg and f"dimension {h_model.old_dim} " in msg
+    assert f"dimension {h.old_dim + 5}" in msg and f"dimension {h.old_dim} " in msg
     assert not is_delta_table(spark, table_paths(cfg, "dimcheck_uncertainty").backfill_log)
 
 
-def test_bad_policies_and_unranked_run(spark, pipeline_env, h_model):
-    from fastfill_udfs.model_manifest import load_manifest_model
+def test_bad_policies_and_unranked_run(spark, pipeline_env, h_model, new_model):
     from fastfill_udfs.spark.backfill import run_backfill
     from fastfill_udfs.spark.jobs import backfill_job
     from fastfill_udfs.spark.rank import rank_gallery
 
     cfg = pipeline_env.make_cfg("policies")
     with pytest.raises(ValueError, match="oracle"):
-        rank_gallery(spark, cfg, h_model, "oracle", "policies_oracle")
+        rank_gallery(spark, cfg, h_model, new_model, "oracle", "policies_oracle")
     with pytest.raises(ValueError, match="bogus"):
-        rank_gallery(spark, cfg, h_model, "bogus", "policies_bogus")
-    fct = h_model.__class__(h_model.old_dim, h_model.new_dim, hidden_dim=8, uncertainty=False)
-    with pytest.raises(ValueError, match="uncertainty"):
-        rank_gallery(spark, cfg, fct, "uncertainty", "policies_uncertainty")
+        rank_gallery(spark, cfg, h_model, new_model, "bogus", "policies_bogus")
+    from fastfill_udfs.model_loading import ModelRef
+    from fastfill_udfs.models import Transformation
 
-    new_model = load_manifest_model(cfg, "new")
+    fct = ModelRef.from_module(Transformation(h_model.model.old_dim, h_model.model.new_dim,
+                                              hidden_dim=8, uncertainty=False))
+    with pytest.raises(ValueError, match="uncertainty"):
+        rank_gallery(spark, cfg, fct, new_model, "uncertainty", "policies_uncertainty")
+
     with pytest.raises(TableNotFoundError, match="rank_gallery"):
         run_backfill(spark, cfg, new_model, "never_ranked")
     with pytest.raises(TableNotFoundError, match="rank_gallery"):
@@ -156,10 +169,10 @@ def test_undecodable_image_quarantined_at_ingest(spark, pipeline_env):
     warehouse = pipeline_env.root / "imgfolder"
     cfg = pipeline_env.make_cfg("imgfolder", "data.dataset=image_folder",
                                 f"data.image_folder={ROOT / 'tests' / 'data' / 'image_folder'}",
-                                warehouse=warehouse)
+                                "data.train_fraction=0", warehouse=warehouse)
     counts = ingest_job(cfg)
-    assert counts == {"source": 5, "gallery": 4, "quarantine": 1, "queries": 4,
-                      "query_features": 4}
+    assert counts == {"source": 5, "gallery": 4, "quarantine": 1, "query_source": 4,
+                      "queries": 4, "query_features": 4, "query_quarantine": 0}
     paths = table_paths(cfg)
     quarantine = read_table(spark, paths.quarantine).toPandas()
     assert quarantine["id"].tolist() == ["trouser/corrupt.png"]
@@ -176,9 +189,11 @@ def test_undecodable_image_quarantined_at_ingest(spark, pipeline_env):
     assert set(feats["id"]) == set(gallery["id"])
 
 
-def test_stale_ranking_after_a_new_ingest_or_another_h_is_refused(spark, pipeline_env, h_model):
+def test_stale_ranking_after_a_new_ingest_or_another_h_is_refused(spark, pipeline_env, h_model,
+                                                                  new_model):
     """A plan ranked on gallery version v with h k is stale once the gallery is rewritten (a new
     ingest) or h changes: rank (without --force) and backfill refuse it and name the versions."""
+    from fastfill_udfs.model_loading import ModelRef
     from fastfill_udfs.models import Transformation
     from fastfill_udfs.spark.backfill import run_backfill
     from fastfill_udfs.spark.jobs import _tracker
@@ -186,21 +201,23 @@ def test_stale_ranking_after_a_new_ingest_or_another_h_is_refused(spark, pipelin
 
     cfg = _gallery_copy(spark, pipeline_env, "stale", lambda df: df)
     run = "stale_random"
-    assert rank_gallery(spark, cfg, h_model, "random", run)["skipped"] is False
-    assert rank_gallery(spark, cfg, h_model, "random", run) == {"skipped": True}
+    assert rank_gallery(spark, cfg, h_model, new_model, "random", run)["skipped"] is False
+    assert rank_gallery(spark, cfg, h_model, new_model, "random", run) == {"skipped": True}
 
-    other_h = Transformation(h_model.old_dim, h_model.new_dim, hidden_dim=8, num_hidden_layers=1)
-    with pytest.raises(StaleRankingError, match=r"h is \w+, the plan was ranked with h \w+"):
-        rank_gallery(spark, cfg, other_h, "random", run)
+    other_h = ModelRef.from_module(Transformation(h_model.model.old_dim, h_model.model.new_dim,
+                                                  hidden_dim=8, num_hidden_layers=1))
+    with pytest.raises(StaleRankingError, match=r"models.h is in-memory:\w+ \(weights \w+\), "
+                                                r"the plan was ranked with models:/fastfill_h/1"):
+        rank_gallery(spark, cfg, other_h, new_model, "random", run)
 
     gallery = table_paths(cfg).gallery
     write_table(read_table(spark, gallery), gallery)           # a re-ingest: version 0 -> 1
     with pytest.raises(StaleRankingError, match="gallery table is at version 1, the plan was "
                                                 "ranked on version 0.*--force"):
-        rank_gallery(spark, cfg, h_model, "random", run)
+        rank_gallery(spark, cfg, h_model, new_model, "random", run)
     with pytest.raises(StaleRankingError, match="version 1"):
-        run_backfill(spark, cfg, None, run)
+        run_backfill(spark, cfg, new_model, run)
     with pytest.raises(StaleRankingError, match="version 1"):
         _tracker(spark, cfg, "random")                         # evaluation refuses it too
-    assert rank_gallery(spark, cfg, h_model, "random", run, force=True)["skipped"] is False
-    assert rank_gallery(spark, cfg, h_model, "random", run) == {"skipped": True}
+    assert rank_gallery(spark, cfg, h_model, new_model, "random", run, force=True)["skipped"] is False
+    assert rank_gallery(spark, cfg, h_model, new_model, "random", run) == {"skipped": True}

@@ -5,7 +5,6 @@ computations."""
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import numpy as np
 import pandas as pd
@@ -95,15 +94,21 @@ def test_end_to_end_tables_log_and_mlflow_run(spark, pipeline_env, e2e_run):
     # the log: batch 0 (all transformed) then one row per batch, versions increasing
     log = _log(spark, paths)
     assert log["batch_id"].tolist() == list(range(N_BATCHES + 1))
-    assert log["n_items"].tolist() == [N_GALLERY] + [BATCH_SIZE] * N_BATCHES
+    assert log["n_items"].tolist() == [0] + [BATCH_SIZE] * N_BATCHES   # batch 0: none new yet
     versions = log["table_version"].tolist()
     assert all(a < b for a, b in zip(versions, versions[1:])), versions
     assert versions[-1] == latest_version(spark, paths.gallery_features)
     assert (log["started_at"] <= log["finished_at"]).all()
 
-    # the plan is partitioned by batch_id
+    # the plan is partitioned by batch_id and carries the images; the features by planned batch
     detail = spark.sql(f"DESCRIBE DETAIL delta.`{paths.backfill_plan}`").first()
     assert list(detail["partitionColumns"]) == ["batch_id"]
+    assert "image" in plan.columns
+    detail = spark.sql(f"DESCRIBE DETAIL delta.`{paths.gallery_features}`").first()
+    assert list(detail["partitionColumns"]) == ["planned_batch_id"]
+    assert (joined["planned_batch_id"] == joined["batch_id_p"]).all()
+    # every vector names the model that made it: all new, all by the registered new model
+    assert set(feats["model_version"]) == {"models:/fastfill_new/1"}
 
     # MLflow: curve metrics at steps 0..B, AUCs, curve artifacts and the tables' paths
     client = _client(cfg)
@@ -141,17 +146,19 @@ def test_end_to_end_tables_log_and_mlflow_run(spark, pipeline_env, e2e_run):
     assert params["plan_table"] == paths.backfill_plan
     assert params["backfill_batch_size"] == str(BATCH_SIZE)
     assert params["n_gallery"] == str(N_GALLERY)
-    assert params["model_new"].startswith("models:/")
+    assert params["model_new"] == "models:/fastfill_new/1"
+    assert params["model_new_uri"] == "models:/fastfill_new@current"
+    assert params["model_h"] == "models:/fastfill_h/1"
 
 
 # ----------------------------------------------------------------------------- 2. UDF == in-process
 def test_rank_udf_matches_in_process_transform_and_batching(spark, e2e_run):
-    from fastfill_udfs.model_manifest import load_manifest_model
+    from fastfill_udfs.model_loading import load_configured_model
     from fastfill_udfs.training import transform
 
     cfg, run = e2e_run["cfg"], e2e_run["run"]
     paths = table_paths(cfg, run)
-    h = load_manifest_model(cfg, "h_fastfill")
+    h = load_configured_model(cfg, "h").model
     gallery = read_table(spark, paths.gallery).select("id", "old_embedding").toPandas()
     gallery = gallery.sort_values("id").reset_index(drop=True)
     old = np.stack(gallery["old_embedding"]).astype(np.float32)
@@ -160,6 +167,7 @@ def test_rank_udf_matches_in_process_transform_and_batching(spark, e2e_run):
     v0 = int(_log(spark, paths).loc[0, "table_version"])
     feats0 = _features(spark, paths, version=v0).set_index("id").loc[gallery["id"]]
     assert (feats0["source"] == "transformed").all() and feats0["batch_id"].isna().all()
+    assert set(feats0["model_version"]) == {"models:/fastfill_h/1"}
     np.testing.assert_allclose(np.stack(feats0["embedding"]), expected_emb, rtol=1e-5, atol=1e-5)
 
     plan = _plan(spark, paths)
@@ -385,25 +393,31 @@ def test_budget_crashes_and_resume_match_uninterrupted_run(spark, pipeline_env, 
     assert not (_features(spark, paths)["batch_id"] == 2).any()
 
     # (3) the driver dies after batch 2's MERGE, before its log row: the log lacks batch 2
-    def crash_on_2(batch_id):
+    real_append = backfill_mod.append_log_row
+
+    def crash_on_2(spark_, path, batch_id, *args):
         if batch_id == 2:
             raise RuntimeError("simulated crash after merge")
+        return real_append(spark_, path, batch_id, *args)
 
-    monkeypatch.setattr(backfill_mod, "run_backfill",
-                        functools.partial(backfill_mod.run_backfill, _after_merge=crash_on_2))
+    monkeypatch.setattr(backfill_mod, "append_log_row", crash_on_2)
     with pytest.raises(RuntimeError, match="simulated crash after merge"):
         backfill_job(cfg, policy="uncertainty", evaluate=False)
     monkeypatch.undo()
     log = _log(spark, paths)
     assert log["batch_id"].tolist() == [0, 1]
-    assert latest_version(spark, paths.gallery_features) > log["table_version"].max()
+    merged_at = latest_version(spark, paths.gallery_features)
+    assert merged_at > log["table_version"].max()
     assert new_ids() == batch_ids[1] | batch_ids[2]          # merged, but not logged
 
-    # (4) resume with the budget from the config: continues with (and redoes) batch 2 only
+    # (4) resume with the budget from the config: logs batch 2 as merged, without merging again
     again = backfill_job(pipeline_env.make_cfg("crash", "backfill.max_batches=1"),
                          policy="uncertainty", evaluate=True)
     assert again["committed_now"] == [2]
-    assert _log(spark, paths)["batch_id"].tolist() == [0, 1, 2]
+    log = _log(spark, paths)
+    assert log["batch_id"].tolist() == [0, 1, 2]
+    assert log["table_version"].iloc[-1] == merged_at == latest_version(
+        spark, paths.gallery_features)
 
     # (5) resume without a budget: finishes
     done = backfill_job(cfg, policy="uncertainty", evaluate=True)

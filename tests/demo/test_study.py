@@ -1,6 +1,5 @@
 """The study job end to end on a tiny real Fashion-MNIST subset (1 epoch, tiny widths), and the
 report helpers."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +7,10 @@ import pandas as pd
 import pytest
 
 from fastfill_udfs.config import load_config
-from fastfill_udfs.data import DEFAULT_FASHION_MNIST_ROOT
 from fastfill_udfs.reporting import markdown_table, plot_curves, plot_loss_curves
 from fastfill_udfs.training import History
+from tests.conftest import needs_fashion_mnist
 
-FMNIST_INSTALLED = (Path(DEFAULT_FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").is_file()
 STUDY_FILES = ("references.csv", "summary.csv", "curves.csv", "study.md", "curves.png",
                "loss_curves.png")
 
@@ -33,25 +31,24 @@ def tiny_config(tmp_path):
     return load_config(["conf/test.yaml"], [
         f"paths.warehouse={tmp_path / 'warehouse'}",
         f"paths.outputs={tmp_path / 'outputs'}",
-        f"paths.models={tmp_path / 'models'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "data.train_limit=600", "data.test_limit=200",
-        "models.old.channels=[4, 8]", "models.old.embedding_dim=16",
-        "models.new.channels=[4, 8]", "models.new.embedding_dim=24",
+        "demo.old_model.channels=[4, 8]", "demo.old_model.embedding_dim=16",
+        "demo.new_model.channels=[4, 8]", "demo.new_model.embedding_dim=24",
         "transformation.hidden_dim=32", "transformation.epochs=2",
         "transformation.batch_size=128", "backfill.batch_size=50",
     ])
 
 
-@pytest.mark.skipif(not FMNIST_INSTALLED, reason=f"Fashion-MNIST not installed at "
-                    f"{DEFAULT_FASHION_MNIST_ROOT} (sudo apt-get install dataset-fashion-mnist)")
-def test_run_study_job_writes_files_manifest_and_mlflow_run(tiny_config, capsys, one_thread):
+@needs_fashion_mnist
+def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config, capsys,
+                                                                      one_thread):
     import mlflow
 
-    from fastfill_udfs.model_manifest import read_manifest
-    from fastfill_udfs.model_store import load_model
-    from fastfill_udfs.models import EmbeddingCNN, Transformation
-    from fastfill_udfs.study_job import run_study_job
+    from fastfill_udfs.demo.cnn import EmbeddingCNN
+    from fastfill_udfs.demo.study_job import run_study_job
+    from fastfill_udfs.model_loading import load_configured_model
+    from fastfill_udfs.models import Transformation
 
     result = run_study_job(tiny_config)
 
@@ -74,9 +71,9 @@ def test_run_study_job_writes_files_manifest_and_mlflow_run(tiny_config, capsys,
         100 * (summary.set_index("policy").mAP_auc["fastfill_uncertainty"]
                - summary.set_index("policy").mAP_auc["fct_random"]))
 
-    manifest = read_manifest(tiny_config)
-    assert set(manifest["models"]) == {"old", "new", "h_fastfill", "h_fct"}
-    assert manifest["mlflow_run_id"] == result["run_id"]
+    assert set(result["model_uris"]) == {"old", "new", "h_fastfill", "h_fct"}
+    assert result["registered"] == {"old": "models:/fastfill_old/1", "new": "models:/fastfill_new/1",
+                                    "h": "models:/fastfill_h/1"}
 
     run = mlflow.get_run(result["run_id"])
     assert run.info.run_name == "study" and run.data.tags["fastfill.kind"] == "study"
@@ -95,10 +92,18 @@ def test_run_study_job_writes_files_manifest_and_mlflow_run(tiny_config, capsys,
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "study")}
     assert {f"study/{n}" for n in STUDY_FILES} <= artifacts
 
-    h = load_model(manifest["models"]["h_fastfill"])
-    assert isinstance(h, Transformation) and h.has_uncertainty
-    assert (h.old_dim, h.new_dim) == (16, 24)
-    assert isinstance(load_model(manifest["models"]["new"]), EmbeddingCNN)
+    # the jobs find the models where the config points (alias -> the version just registered)
+    h = load_configured_model(tiny_config, "h")
+    assert h.version == "models:/fastfill_h/1" and h.run_id == result["run_id"]
+    assert isinstance(h.model, Transformation) and h.model.has_uncertainty
+    assert (h.model.old_dim, h.model.new_dim) == (16, 24)
+    assert isinstance(load_configured_model(tiny_config, "new").model, EmbeddingCNN)
+    assert mlflow.get_experiment(run.info.experiment_id).name == "fastfill-study"
+
+    # a second study moves the aliases to new versions; the first stay loadable by number
+    again = run_study_job(tiny_config)
+    assert again["registered"]["h"] == "models:/fastfill_h/2"
+    assert load_configured_model(tiny_config, "h").version == "models:/fastfill_h/2"
 
 
 def test_markdown_table_formats_floats_and_aligns():
@@ -133,7 +138,7 @@ def test_plots_write_png(tmp_path):
 
 
 def test_h_training_rows_all_or_only_the_old_models_images():
-    from fastfill_udfs.study import h_training_rows
+    from fastfill_udfs.demo.study import h_training_rows
 
     old_rows = np.array([0, 2, 5])
     assert h_training_rows(load_config([]), 8, old_rows).tolist() == list(range(8))  # default

@@ -1,9 +1,12 @@
-"""The study job: `study.run_study` inside an MLflow run, plus the files and the printed report.
+"""The study job: `study.run_study` inside an MLflow run (experiment `mlflow.study_experiment`),
+plus the files and the printed report.
 
 Trains the old/new CNNs and `h` (FCT and FastFill), logs every loss curve, the reference points
 and the backfilling AUCs to MLflow, logs the models (state dict + JSON spec, loadable without
-unpickling code), writes the model manifest the Spark jobs read, and writes
-`<paths.outputs>/study/{references,summary,curves}.csv`, `study.md`, `curves.png`,
+unpickling code) and registers the old model, the new model and the `h` of
+`transformation.objective` where `models.old`, `models.new` and `models.h` point
+(`models:/<name>@<alias>`: a new version, the alias moved to it), so every Spark job finds them.
+Writes `<paths.outputs>/study/{references,summary,curves}.csv`, `study.md`, `curves.png`,
 `loss_curves.png`.
 """
 from __future__ import annotations
@@ -17,9 +20,9 @@ import pandas as pd
 
 from fastfill_udfs import model_store, reporting
 from fastfill_udfs.config import Config
-from fastfill_udfs.model_manifest import write_manifest
+from fastfill_udfs.demo.study import StudyResult, run_study
+from fastfill_udfs.model_loading import register_logged_model, registry_target
 from fastfill_udfs.progress import format_seconds
-from fastfill_udfs.study import StudyResult, run_study
 from fastfill_udfs.tracking import configure_mlflow
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ POLICY_LABELS = {
 
 def study_params(cfg: Config) -> dict:
     """The MLflow params of a study run: dataset, sizes, model and `h` settings, seed."""
-    old, new, t = (cfg.get_path(k) for k in ("models.old", "models.new", "transformation"))
+    old, new, t = (cfg.get_path(k) for k in ("demo.old_model", "demo.new_model", "transformation"))
     params = {
         "dataset": cfg.get_path("data.dataset"),
         "seed": cfg.get_path("seed"),
@@ -48,7 +51,7 @@ def study_params(cfg: Config) -> dict:
         "study_policies": ",".join(cfg.get_path("study.policies")),
     }
     for name, m in (("old", old), ("new", new)):
-        for key in ("embedding_dim", "epochs", "batch_size", "lr"):
+        for key in ("embedding_dim", "epochs", "batch_size", "lr", "label_smoothing"):
             params[f"{name}_{key}"] = m[key]
         params[f"{name}_channels"] = ",".join(str(c) for c in m["channels"])
     for key, value in t.items():
@@ -165,13 +168,17 @@ def write_study_files(cfg: Config, result: StudyResult, out_dir: Path,
 
 def run_study_job(cfg: Config) -> dict:
     """Run the study inside an MLflow run named "study"; returns a dict with `run_id`,
-    `model_uris`, `manifest`, `paths` (files written), `summary`, `references` and
-    `gain_mAP_auc_points` (FastFill-uncertainty minus FCT-random)."""
+    `model_uris` (the logged models), `registered` (role -> models:/name/version), `paths`
+    (files written), `summary`, `references` and `gain_mAP_auc_points` (FastFill-uncertainty
+    minus FCT-random). Raises ValueError (before any training) unless models.old, models.new
+    and models.h are `models:/<name>@<alias>` URIs, where the trained models are registered."""
     import mlflow
 
-    configure_mlflow(cfg)
+    targets = {role: cfg.get_path(f"models.{role}") for role in ("old", "new", "h")}
+    for role, uri in targets.items():
+        registry_target(uri, role)
+    configure_mlflow(cfg, experiment=cfg.get_path("mlflow.study_experiment"))
     out_dir = Path(cfg.resolve_path("paths.outputs")) / STUDY_DIR
-    registered = cfg.get_path("mlflow.registered_models")
     start = time.monotonic()
     with mlflow.start_run(run_name="study", tags={"fastfill.kind": "study"}) as run:
         mlflow.log_params(study_params(cfg))
@@ -189,12 +196,16 @@ def run_study_job(cfg: Config) -> dict:
 
         models = {"old": result.models.old, "new": result.models.new,
                   **{f"h_{obj}": h for obj, h in sorted(result.models.h.items())}}
-        uris = {}
+        role_of = {"old": "old", "new": "new",
+                   f"h_{cfg.get_path('transformation.objective')}": "h"}
+        uris, registered = {}, {}
         for name, model in models.items():
-            uris[name] = model_store.log_model(
-                model, name, registered_name=f"fastfill_{name}" if registered else None)
-            log.info("logged model %s: %s", name, uris[name])
-        manifest = write_manifest(cfg, uris, run.info.run_id)
+            uris[name] = model_store.log_model(model, name)
+            if name in role_of:
+                role = role_of[name]
+                registered[role] = register_logged_model(uris[name], targets[role], role)
+                log.info("model %s: %s registered as %s (%s)", name, uris[name],
+                         registered[role], targets[role])
 
         paths = write_study_files(cfg, result, out_dir, seconds)
         mlflow.log_artifacts(str(out_dir), artifact_path=STUDY_DIR)
@@ -207,8 +218,10 @@ def run_study_job(cfg: Config) -> dict:
     print(reporting.markdown_table(_readable_references(result.references)))
     print("\nBackfilling curves, area under the curve\n")
     print(reporting.markdown_table(_readable_summary(result.summary)))
-    print(f"\nfiles: {out_dir}  |  MLflow run {run.info.run_id}  |  manifest {manifest}  |  "
+    print("\nmodels: " + ", ".join(f"{role} {targets[role]} -> {version}"
+                                   for role, version in registered.items()))
+    print(f"files: {out_dir}  |  MLflow run {run.info.run_id}  |  "
           f"took {format_seconds(time.monotonic() - start)}\n")
-    return {"run_id": run.info.run_id, "model_uris": uris, "manifest": manifest,
+    return {"run_id": run.info.run_id, "model_uris": uris, "registered": registered,
             "paths": paths, "summary": result.summary, "references": result.references,
             "curves": result.curves, "gain_mAP_auc_points": gain}

@@ -1,6 +1,6 @@
 """The README's main command: the whole pipeline on Fashion-MNIST in one process.
 
-study (train old/new/h, write the manifest) -> ingest -> for each policy: rank_gallery, backfill
+study (train old/new/h, register them in MLflow) -> ingest -> for each policy: rank_gallery, backfill
 every batch with evaluation -> compare. Each step is the same function its own
 `pipelines/<job>.py` calls, so every step can also be run (and rerun) on its own."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def run_demo(cfg: Config, *, master: str | None = None, skip_study: bool = False
     from fastfill_udfs.compare import compare_runs
     from fastfill_udfs.reporting import markdown_table
     from fastfill_udfs.spark.jobs import backfill_job, ingest_job, rank_job
-    from fastfill_udfs.study_job import run_study_job
+    from fastfill_udfs.demo.study_job import run_study_job
     from fastfill_udfs.tracking import tracking_uri_for
 
     start, timings = time.monotonic(), {}

@@ -1,6 +1,6 @@
-"""The Fashion-MNIST study: train old/new models and `h` (FCT and FastFill), then compare
-backfilling curves in memory. `run_study` is pure computation; `pipelines/run_study.py`
-adds MLflow logging and files."""
+"""The demo's study: train the old/new CNNs and `h` (FCT and FastFill) on the training split,
+then compare backfilling curves in memory on the gallery split. `run_study` is pure
+computation; `study_job` adds MLflow logging, model registration and files."""
 from __future__ import annotations
 
 import logging
@@ -11,13 +11,14 @@ import pandas as pd
 import torch
 
 from fastfill_udfs.config import Config
-from fastfill_udfs.demo_data import Split, load_split, old_model_subset
+from fastfill_udfs.demo.cnn import EmbeddingCNN, train_embedding_model
+from fastfill_udfs.demo.protocol import Split, load_split, old_model_subset
 from fastfill_udfs.inference import BatchEmbedder
 from fastfill_udfs.metrics import retrieval_metrics
-from fastfill_udfs.models import EmbeddingCNN, Transformation
+from fastfill_udfs.models import Transformation
 from fastfill_udfs.policies import assign_batches, batching_from_config, order_scores, rank_order
 from fastfill_udfs.simulate import backfill_curve, curve_auc
-from fastfill_udfs.training import History, train_embedding_model, train_transformation, transform
+from fastfill_udfs.training import History, train_transformation, transform
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,20 @@ def train_all(cfg: Config, train: Split) -> TrainedModels:
     """Train the old CNN (seen classes, optional minority under-sampling), the new CNN (all
     classes) and `h` for each objective needed by `study.policies`."""
     seed = cfg.get_path("seed")
-    old_cfg, new_cfg = cfg.get_path("models.old"), cfg.get_path("models.new")
+    old_cfg, new_cfg = cfg.get_path("demo.old_model"), cfg.get_path("demo.new_model")
     keep, old_labels = old_model_subset(train, cfg)
     log.info("old model: %d training images, classes %s", len(keep), old_cfg["classes"])
     old, old_hist = train_embedding_model(
         train.images[keep], old_labels, num_classes=len(old_cfg["classes"]),
         channels=old_cfg["channels"], embedding_dim=old_cfg["embedding_dim"],
         epochs=old_cfg["epochs"], batch_size=old_cfg["batch_size"], lr=old_cfg["lr"],
-        seed=seed, name="old model")
+        label_smoothing=old_cfg["label_smoothing"], seed=seed, name="old model")
     num_classes = int(train.labels.max()) + 1
     new, new_hist = train_embedding_model(
         train.images, train.labels, num_classes=num_classes, channels=new_cfg["channels"],
         embedding_dim=new_cfg["embedding_dim"], epochs=new_cfg["epochs"],
-        batch_size=new_cfg["batch_size"], lr=new_cfg["lr"], seed=seed + 1, name="new model")
+        batch_size=new_cfg["batch_size"], lr=new_cfg["lr"],
+        label_smoothing=new_cfg["label_smoothing"], seed=seed + 1, name="new model")
     old_emb, new_emb = embed(old, train.images), embed(new, train.images)
     objectives = sorted({STUDY_POLICIES[p][0] for p in cfg.get_path("study.policies")}
                         | {cfg.get_path("transformation.objective")})

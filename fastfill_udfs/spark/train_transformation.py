@@ -1,0 +1,164 @@
+"""train_transformation: learn `h` from the user's own gallery and new model.
+
+1. Sample `transformation.train_rows` gallery rows (seeded; stratified by label when there are
+   labels), embed their images with the new model in Spark, and write the pairs (`id`,
+   `old_embedding`, `new_embedding`, `label`) to the Delta table `train_pairs`.
+2. Train `h` on the pairs (driver; GPU when present). The class term of the FastFill loss goes
+   through the new model's classifier when it has one (`models.classifier`), else through class
+   prototypes of the labelled pairs (cosine to the class means / `prototype_temperature`); with
+   no labels, the alignment term and the uncertainty alone.
+3. Log `h` to MLflow with the pairs' table and version and the new model it was fitted to, and
+   register it where `models.h` points. `rank_gallery` reads those params: the sampled items
+   already have new embeddings and go into `gallery_features` as `new`, never embedded twice.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from torch import nn
+
+from fastfill_udfs.config import Config
+from fastfill_udfs.model_loading import ModelRef, register_logged_model, registry_target
+from fastfill_udfs.spark.delta_io import latest_version, read_table, table_paths, write_table
+
+log = logging.getLogger(__name__)
+
+
+def _uniform(seed: int):
+    """A seeded uniform [0, 1) value per id (independent of partitioning)."""
+    h = F.xxhash64(F.col("id"), F.lit(f"fastfill-train-sample-{int(seed)}"))
+    return (F.pmod(h, F.lit(1 << 52)).cast("double") / float(1 << 52)).alias("_u")
+
+
+def sample_rows(df: DataFrame, rows: int, seed: int) -> DataFrame:
+    """About exactly `rows` rows of `df`, seeded; each label keeps its share of the sample
+    (largest remainder), rows without a label form a group of their own. Only one count per
+    label reaches the driver. Raises ValueError for a non-positive `rows`."""
+    if rows <= 0:
+        raise ValueError(f"transformation.train_rows must be positive, got {rows}")
+    counts = {r["label"]: r["count"] for r in df.groupBy("label").count().collect()}
+    total = sum(counts.values())
+    if rows >= total:
+        return df
+    exact = {k: c * rows / total for k, c in counts.items()}
+    quota = {k: int(np.floor(v)) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (-(exact[k] - quota[k]), str(k)))[:rows - sum(quota.values())]:
+        quota[k] += 1
+    spark = df.sparkSession
+    limits = spark.createDataFrame(
+        [(k, int(q), min(1.0, 1.5 * q / counts[k] + 50.0 / counts[k])) for k, q in quota.items()],
+        "label int, _quota int, _cut double")
+    candidates = (df.withColumn("_u", _uniform(seed))
+                  .join(F.broadcast(limits), df["label"].eqNullSafe(limits["label"]))
+                  .drop(limits["label"]).where(F.col("_u") < F.col("_cut")))
+    by_label = Window.partitionBy("label").orderBy("_u", "id")
+    return (candidates.withColumn("_n", F.row_number().over(by_label))
+            .where(F.col("_n") <= F.col("_quota")).drop("_u", "_quota", "_cut", "_n"))
+
+
+def class_head(cfg: Config, new_model: ModelRef, new: np.ndarray, labels: np.ndarray | None
+               ) -> tuple[nn.Module | None, str]:
+    """(class head for h's class term, what it is): the new model's classifier, class
+    prototypes, or none. Raises ValueError when labels exceed the classifier's classes."""
+    from fastfill_udfs.training import PrototypeHead
+
+    if labels is None:
+        return None, "none (no labels)"
+    name = cfg.get_path("models.classifier")
+    head = getattr(new_model.model, name, None) if name else None
+    if isinstance(head, nn.Module):
+        out = getattr(head, "out_features", None)
+        if out is not None and labels.max() >= out:
+            raise ValueError(f"labels go up to {labels.max()}, but the new model's classifier "
+                             f"{name!r} has {out} classes: labels must be its class indices "
+                             "(or set models.classifier=\"\" to use class prototypes)")
+        return head, f"classifier ({name})"
+    return (PrototypeHead.from_embeddings(new, labels, int(labels.max()) + 1,
+                                          cfg.get_path("transformation.prototype_temperature")),
+            "prototypes")
+
+
+def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
+    """Sample, embed and write `train_pairs`; returns {table, version, n_pairs, n_failed}."""
+    from fastfill_udfs.spark.images import attach_images
+    from fastfill_udfs.spark.ingest import embed_images
+
+    paths = table_paths(cfg)
+    gallery_version = latest_version(spark, paths.gallery)
+    gallery = read_table(spark, paths.gallery, version=gallery_version)
+    image_col = "image_uri" if "image_uri" in gallery.columns else "image"
+    usable = gallery.where(F.col("old_embedding").isNotNull()
+                           & ~F.exists("old_embedding", lambda x: F.isnan(x)))
+    sample = sample_rows(usable.select("id", "label", "old_embedding", image_col),
+                         cfg.get_path("transformation.train_rows"), cfg.get_path("seed"))
+    missing = spark.createDataFrame([], "id string, reason string")
+    if image_col == "image_uri":
+        sample, missing = attach_images(spark, sample, cfg.get_path("data.image_root"))
+    embedded = embed_images(spark, sample, new_model, cfg, ["id", "label", "old_embedding"])
+    pairs = (embedded.where("reason IS NULL")
+             .select("id", "old_embedding", F.col("embedding").alias("new_embedding"), "label"))
+    write_table(pairs, paths.train_pairs, metadata={
+        "gallery_version": gallery_version, "new_model": new_model.identity,
+        "seed": cfg.get_path("seed"), "train_rows": cfg.get_path("transformation.train_rows")})
+    written = read_table(spark, paths.train_pairs)
+    n_failed = missing.count() + embedded.where("reason IS NOT NULL").count()
+    if n_failed:
+        log.warning("train_transformation: %d sampled items could not be embedded (they stay "
+                    "in the backfill plan)", n_failed)
+    return {"table": paths.train_pairs, "version": latest_version(spark, paths.train_pairs),
+            "n_pairs": written.count(), "n_failed": n_failed}
+
+
+def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model: ModelRef
+                                    ) -> dict:
+    """The whole job (see the module docstring). Returns {run_id, h_version, n_pairs,
+    class_term, pairs_table, pairs_version}. Raises ValueError (before any work) unless
+    models.h is `models:/<name>@<alias>`, or when no pair could be built."""
+    import mlflow
+    import torch
+
+    from fastfill_udfs import model_store
+    from fastfill_udfs.tracking import configure_mlflow
+    from fastfill_udfs.training import train_transformation
+
+    target = cfg.get_path("models.h")
+    registry_target(target, "h")
+    built = build_pairs(spark, cfg, new_model)
+    if built["n_pairs"] < 2:
+        raise ValueError(f"train_transformation: only {built['n_pairs']} pairs in "
+                         f"{built['table']}: the gallery needs usable old embeddings and images")
+    pdf = read_table(spark, built["table"], version=built["version"]).toPandas()
+    old = np.stack(pdf["old_embedding"].to_numpy()).astype(np.float32)
+    new = np.stack(pdf["new_embedding"].to_numpy()).astype(np.float32)
+    labels = (pdf["label"].to_numpy(dtype=np.int64)
+              if pdf["label"].notna().all() and len(pdf) else None)
+    head, class_term = class_head(cfg, new_model, new, labels)
+    t = cfg.get_path("transformation")
+    configure_mlflow(cfg)
+    with mlflow.start_run(run_name="train_transformation",
+                          tags={"fastfill.kind": "train_transformation"}) as run:
+        mlflow.log_params({
+            "pairs_table": built["table"], "pairs_version": built["version"],
+            "n_pairs": built["n_pairs"], "n_failed": built["n_failed"],
+            "new_model": new_model.uri, "new_model_version": new_model.version,
+            "new_model_weights": new_model.weights_hash, "class_term": class_term,
+            **{f"h_{k}": v for k, v in t.items()}})
+        h, history = train_transformation(
+            old, new, labels, objective=t["objective"], new_classifier=head,
+            hidden_dim=t["hidden_dim"], num_hidden_layers=t["num_hidden_layers"],
+            epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
+            weight_decay=t["weight_decay"], warmup_epochs=t["warmup_epochs"],
+            freeze_bn_after=t["freeze_bn_after"], label_smoothing=t["label_smoothing"],
+            seed=cfg.get_path("seed") + 2, device="cuda" if torch.cuda.is_available() else "cpu")
+        for epoch, value in enumerate(history.loss, start=1):
+            mlflow.log_metric("loss_h", float(value), step=epoch)
+        uri = model_store.log_model(h, "h")
+        version = register_logged_model(uri, target, "h")
+    log.info("train_transformation: h trained on %d pairs (%s), registered as %s (%s)",
+             built["n_pairs"], class_term, version, target)
+    return {"run_id": run.info.run_id, "h_version": version, "n_pairs": built["n_pairs"],
+            "class_term": class_term, "pairs_table": built["table"],
+            "pairs_version": built["version"]}

@@ -1,0 +1,203 @@
+"""Crashes as they really happen, and two jobs at once: `spark-submit pipelines/backfill.py` is
+started as a process group and killed with SIGKILL (a) during new-model inference, (b) right
+after a batch's MERGE commit appears in `_delta_log`, before its log row, (c) after a batch is
+logged, before its evaluation reaches MLflow. A fresh process then finishes the run: exactly
+one feature row per id, every planned batch once in `backfill_log` and once in the MERGE
+history, MLflow steps without duplicates, and the curve of an uninterrupted run (1e-9).
+Two jobs started together on one run: one works, the other stops (or finds nothing left)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .own_gallery_data import COLUMNS, make_gallery, sets, submit_env
+
+ROOT = Path(__file__).resolve().parents[2]
+PER_CLASS, BATCH, TRAIN_ROWS = 20, 40, 32
+CURVE = ("mAP", "top1", "top5", "backfill_fraction")
+
+
+@pytest.fixture(scope="module")
+def kill_env(spark, tmp_path_factory):
+    """A foreign gallery with h trained and the reference run backfilled in this process."""
+    from fastfill_udfs.config import load_config
+    from fastfill_udfs.spark.jobs import ingest_job, train_transformation_job
+
+    setup = make_gallery(tmp_path_factory.mktemp("kill"), PER_CLASS)
+    base = sets(setup, transformation__train_rows=TRAIN_ROWS, backfill__batch_size=BATCH,
+                data__dataset="gallery_table", models__new="models:/product_embedder@champion",
+                models__h="models:/product_embedder_h@champion", models__classifier="")
+    base += [f"data.columns.{k}={v}" for k, v in COLUMNS.items()]
+
+    def make_cfg(run_name: str):
+        return load_config([], base + [f"run_name={run_name}"])
+
+    ingest_job(make_cfg("ref"))
+    train_transformation_job(make_cfg("ref"))
+    reference = _rank_and_backfill(make_cfg("ref"))
+    return {"setup": setup, "base": base, "make_cfg": make_cfg, "reference": reference}
+
+
+def _rank_and_backfill(cfg):
+    from fastfill_udfs.spark.jobs import backfill_job, rank_job
+
+    rank_job(cfg, policy="uncertainty")
+    return backfill_job(cfg, policy="uncertainty", evaluate=True)
+
+
+def _start(env_, run_name: str, log: Path, **extra_env) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "pipelines/backfill.py",
+           "--policy", "uncertainty"]
+    for o in env_["base"] + [f"run_name={run_name}"]:
+        cmd += ["--set", o]
+    out = open(log, "w")
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=submit_env(**extra_env), start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    """SIGKILL the whole process group (driver JVM, Python driver, workers) once `ready()`."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _commits(path: str) -> list[dict]:
+    """The commitInfo of every commit in a Delta log, in order."""
+    out = []
+    for f in sorted(Path(path, "_delta_log").glob("*.json")):
+        for line in f.read_text().splitlines():
+            action = json.loads(line)
+            if "commitInfo" in action:
+                out.append(action["commitInfo"])
+    return out
+
+
+def _tagged_merges(path: str) -> list[int]:
+    tags = []
+    for info in _commits(path):
+        meta = info.get("userMetadata")
+        if info.get("operation") == "MERGE" and meta and "fastfill_batch" in meta:
+            tags.append(json.loads(meta)["fastfill_batch"])
+    return tags
+
+
+def _finish_and_check(spark, kill_env, run_name: str, log: Path) -> None:
+    """Rerun in a fresh process to completion; then exactly one of everything, and the curve
+    of the uninterrupted run."""
+    from mlflow.tracking import MlflowClient
+
+    from fastfill_udfs.spark.backfill import planned_batches
+    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    from fastfill_udfs.tracking import configure_mlflow
+
+    proc = _start(kill_env, run_name, log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    cfg = kill_env["make_cfg"](run_name)
+    run = f"{run_name}_uncertainty"
+    paths = table_paths(cfg, run)
+    n_batches = len(planned_batches(spark, cfg, run))
+    feats = read_table(spark, paths.gallery_features).toPandas()
+    assert feats["id"].is_unique and (feats["source"] == "new").all()
+    batches = read_table(spark, paths.backfill_log).toPandas()["batch_id"]
+    assert sorted(batches) == list(range(n_batches + 1))
+    assert sorted(_tagged_merges(paths.gallery_features)) == list(range(1, n_batches + 1))
+    configure_mlflow(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.get_path("mlflow.experiment")).experiment_id
+    mine = client.search_runs([exp], filter_string=f"tags.`fastfill.run` = '{run}'")
+    assert len(mine) == 1
+    ref_id = kill_env["reference"]["mlflow_run_id"]
+    for key in CURVE:
+        got = [(m.step, m.value) for m in client.get_metric_history(mine[0].info.run_id, key)]
+        want = {m.step: m.value for m in client.get_metric_history(ref_id, key)}
+        assert sorted(s for s, _ in got) == list(range(n_batches + 1)), key  # no duplicates
+        assert dict(got) == pytest.approx(want, abs=1e-9), key
+    assert mine[0].data.metrics["mAP_auc"] == pytest.approx(
+        kill_env["reference"]["aucs"]["mAP_auc"], abs=1e-9)
+
+
+def test_kill_during_inference_leaves_nothing_and_the_rerun_finishes(spark, kill_env, tmp_path):
+    from fastfill_udfs.spark.delta_io import latest_version, read_table, table_paths
+    from fastfill_udfs.spark.jobs import rank_job
+
+    cfg = kill_env["make_cfg"]("killa")
+    rank_job(cfg, policy="uncertainty")
+    paths = table_paths(cfg, "killa_uncertainty")
+    ranked_at = latest_version(spark, paths.gallery_features)
+    marker = tmp_path / "inference-started"
+    proc = _start(kill_env, "killa", tmp_path / "killed.log", SLOW_MODEL_DELAY="5",
+                  SLOW_MODEL_MARKER=str(marker))
+    _kill_when(proc, marker.exists, "new-model inference")
+    assert read_table(spark, paths.backfill_log).toPandas()["batch_id"].tolist() == [0]
+    assert latest_version(spark, paths.gallery_features) == ranked_at   # nothing partial
+    _finish_and_check(spark, kill_env, "killa", tmp_path / "rerun.log")
+
+
+def test_kill_right_after_the_merge_commit_is_finished_without_a_second_merge(
+        spark, kill_env, tmp_path):
+    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    from fastfill_udfs.spark.jobs import rank_job
+
+    cfg = kill_env["make_cfg"]("killb")
+    rank_job(cfg, policy="uncertainty")
+    paths = table_paths(cfg, "killb_uncertainty")
+    proc = _start(kill_env, "killb", tmp_path / "killed.log")
+    _kill_when(proc, lambda: 1 in _tagged_merges(paths.gallery_features),
+               "batch 1's MERGE commit")
+    # the scenario happened: merged, not logged
+    assert read_table(spark, paths.backfill_log).toPandas()["batch_id"].tolist() == [0]
+    assert _tagged_merges(paths.gallery_features) == [1]
+    _finish_and_check(spark, kill_env, "killb", tmp_path / "rerun.log")
+
+
+def test_kill_before_a_logged_batch_is_evaluated(spark, kill_env, tmp_path):
+    from fastfill_udfs.spark.delta_io import table_paths
+    from fastfill_udfs.spark.jobs import rank_job
+
+    cfg = kill_env["make_cfg"]("killc")
+    rank_job(cfg, policy="uncertainty")
+    paths = table_paths(cfg, "killc_uncertainty")
+    n_log_commits = len(_commits(paths.backfill_log))
+    proc = _start(kill_env, "killc", tmp_path / "killed.log")
+    # batch 1's log row is the first commit to the log after ranking; evaluation follows it
+    _kill_when(proc, lambda: len(_commits(paths.backfill_log)) > n_log_commits,
+               "batch 1's log row")
+    _finish_and_check(spark, kill_env, "killc", tmp_path / "rerun.log")
+
+
+def test_two_jobs_on_one_run_commit_each_batch_once(spark, kill_env, tmp_path):
+    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    from fastfill_udfs.spark.jobs import rank_job
+
+    cfg = kill_env["make_cfg"]("twin")
+    rank_job(cfg, policy="uncertainty")
+    paths = table_paths(cfg, "twin_uncertainty")
+    logs = [tmp_path / "one.log", tmp_path / "two.log"]
+    procs = [_start(kill_env, "twin", log, SLOW_MODEL_DELAY="0.5") for log in logs]
+    codes = [p.wait(timeout=600) for p in procs]
+    outputs = [log.read_text() for log in logs]
+    assert sorted(codes) in ([0, 0], [0, 3]), list(zip(codes, [o[-3000:] for o in outputs]))
+    if 3 in codes:  # the loser stopped with a message naming the job that holds the run
+        loser = outputs[codes.index(3)]
+        assert "is already being backfilled by" in loser and "Not starting it twice" in loser
+    else:           # or it came after the winner and found nothing left to do
+        assert any("0 to do now" in o for o in outputs), outputs
+    feats = read_table(spark, paths.gallery_features).toPandas()
+    assert feats["id"].is_unique and (feats["source"] == "new").all()
+    log = read_table(spark, paths.backfill_log).toPandas()
+    assert log["batch_id"].is_unique
+    tags = _tagged_merges(paths.gallery_features)
+    assert sorted(tags) == sorted(set(tags)) == sorted(log["batch_id"][log["batch_id"] > 0])
+    _finish_and_check(spark, kill_env, "twin", tmp_path / "after.log")
