@@ -2,8 +2,10 @@
 
 MLflow runs this file to load the model: it rebuilds the architecture from `spec.json` and
 reads `weights.pt` with `torch.load(weights_only=True)`, so loading never unpickles code.
-predict(): a 2-D float array (old embeddings for `h`, flattened images otherwise) -> embeddings;
-for `h` with an uncertainty head the last column is sigma.
+predict(): a 2-D float array, a DataFrame of numeric columns, or one column holding an array per
+row (as `mlflow.pyfunc.spark_udf` passes an array<float> column) -> embeddings: old embeddings
+for `h` (with an uncertainty head, the last output column is sigma), flattened square
+grayscale images otherwise.
 """
 import mlflow
 from mlflow.pyfunc import PythonModel
@@ -21,7 +23,10 @@ class TorchStateDictModel(PythonModel):
 
         from fastfill_udfs.models import Transformation, sigma_from_s
 
-        x = torch.from_numpy(np.asarray(model_input, dtype=np.float32))
+        rows = model_input
+        if hasattr(rows, "columns") and len(rows.columns) == 1 and rows.dtypes.iloc[0] == object:
+            rows = np.stack([np.asarray(v, dtype=np.float32) for v in rows.iloc[:, 0]])
+        x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
         with torch.inference_mode():
             if isinstance(self.model, Transformation):
                 emb, s = self.model(x)

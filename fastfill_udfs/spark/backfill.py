@@ -75,13 +75,14 @@ def check_new_model(meta: dict, new_model: ModelRef, run: str) -> None:
             f"{want.get('uri')}, or re-rank the run for the new model (rank_gallery.py --force)")
 
 
-def tagged_commits(spark: SparkSession, path: str, since_version: int) -> dict[int, dict]:
+def tagged_commits(spark: SparkSession, path: str, since_version: int, *,
+                   newest_only: bool = False) -> dict[int, dict]:
     """batch_id -> {version, metrics} of the MERGE commits this backfill tagged after
-    `since_version`. Reads only the commits after it (a backfill adds one per batch), so the
-    cost does not grow with the run's history."""
+    `since_version` (or, `newest_only`, only the newest commit). Reads only the commits after
+    it (a backfill adds one per batch), so the cost does not grow with the run's history."""
     from fastfill_udfs.spark.delta_io import latest_version
 
-    newer = latest_version(spark, path) - since_version
+    newer = 1 if newest_only else latest_version(spark, path) - since_version
     if newer <= 0:
         return {}
     history = (DeltaTable.forPath(spark, path).history(newer)
@@ -125,8 +126,9 @@ def _merge_batch(spark: SparkSession, features: DeltaTable, good, batch_id: int,
 
 
 def backfill_batch(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str,
-                   batch_id: int, meta: dict) -> tuple[int, int]:
+                   batch_id: int, meta: dict, *, retried: bool = False) -> tuple[int, int]:
     """Embed and MERGE one batch; returns (items made new, gallery_features version).
+    `retried`: an earlier job may have started this batch (its quarantine rows are replaced).
 
     Raises ValueError when the model's output dimension is not the plan's (before merging),
     ReconciliationError when the MERGE did not update exactly the embedded items."""
@@ -154,7 +156,8 @@ def backfill_batch(spark: SparkSession, cfg: Config, new_model: ModelRef, run: s
         counts = embedded.groupBy(F.col("reason").isNull().alias("ok")).count().collect()
         n_good = sum(r["count"] for r in counts if r["ok"])
         n_failed = sum(r["count"] for r in counts if not r["ok"]) + missing.count()
-        if n_failed or quarantine_count(spark, paths.quarantine, "backfill", run, batch_id):
+        if n_failed or (retried and quarantine_count(spark, paths.quarantine, "backfill", run,
+                                                     batch_id)):
             write_quarantine(spark, paths.quarantine, failed, stage="backfill", run=run,
                              batch_id=batch_id)
         if n_failed:
@@ -164,8 +167,9 @@ def backfill_batch(spark: SparkSession, cfg: Config, new_model: ModelRef, run: s
         _merge_batch(spark, features, good, batch_id, run, new_model.version)
     finally:
         embedded.unpersist()
-    # the lease keeps other writers out: the MERGE is among the newest commits
-    commit = tagged_commits(spark, paths.gallery_features, int(meta.get("last_version", -1)))
+    # the lease keeps other writers out: the MERGE is the newest commit
+    commit = tagged_commits(spark, paths.gallery_features, int(meta.get("last_version", -1)),
+                            newest_only=True)
     if batch_id not in commit:
         raise ReconciliationError(f"batch {batch_id} of run '{run}': its MERGE commit is not in "
                                   f"the history of {paths.gallery_features}")
@@ -218,9 +222,10 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
              len(done & set(planned)), len(planned), len(pending))
     progress = Progress(f"backfill {run}: batch", len(pending), log)
     finished = []
+    # a job that died can have merged (at most) its batch without logging it: the first one
+    earlier = tagged_commits(spark, paths.gallery_features, meta["last_version"])
     for batch_id in pending:
         started = datetime.now(timezone.utc)
-        earlier = tagged_commits(spark, paths.gallery_features, meta["last_version"])
         if batch_id in earlier:  # merged by a job that died before logging it
             n = int(earlier[batch_id]["metrics"].get("numTargetRowsUpdated", 0))
             version = earlier[batch_id]["version"]
@@ -228,7 +233,8 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
                         "job that stopped before logging it; logging it now", run,
                         batch_id, version)
         else:
-            n, version = backfill_batch(spark, cfg, new_model, run, batch_id, meta)
+            n, version = backfill_batch(spark, cfg, new_model, run, batch_id, meta,
+                                        retried=batch_id == pending[0])
         append_log_row(spark, paths.backfill_log, batch_id, n, version, started)
         meta["last_version"] = version
         lease.renew_if_due()

@@ -38,11 +38,16 @@ def rank_job(cfg: Config, *, policy: str | None = None, master: str | None = Non
              force: bool = False) -> dict:
     from fastfill_udfs.spark.rank import rank_gallery
 
+    from fastfill_udfs.spark.rank import is_ranked
+
     policy = policy or cfg.get_path("backfill.policy")
     spark = get_spark(cfg["spark"], master=master)
-    h = load_configured_model(cfg, "h")
-    return rank_gallery(spark, cfg, h, load_configured_model(cfg, "new"), policy,
-                        run_id_for(cfg, policy), force=force)
+    h, new = load_configured_model(cfg, "h"), load_configured_model(cfg, "new")
+    run = run_id_for(cfg, policy)
+    if force and is_ranked(spark, cfg, run):  # never re-rank under a job backfilling it
+        with _lease(spark, cfg, run):
+            return rank_gallery(spark, cfg, h, new, policy, run, force=True)
+    return rank_gallery(spark, cfg, h, new, policy, run, force=force)
 
 
 def _lease(spark, cfg: Config, run: str):

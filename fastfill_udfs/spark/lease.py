@@ -27,6 +27,17 @@ class RunBusyError(RuntimeError):
     """Another live job holds the run's lease."""
 
 
+_CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
+              "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+              "ConcurrentWriteException", "MetadataChangedException", "ProtocolChangedException")
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """True for Delta's optimistic-concurrency conflicts (another writer committed first)."""
+    text = type(exc).__name__ + " " + str(exc)[:500]
+    return any(name in text for name in _CONFLICTS) or "[DELTA_CONCURRENT" in text
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,8 +106,8 @@ class RunLease:
                             row["owner"])
             try:
                 self._merge(row["owner"] if row is not None else None)
-            except Exception as exc:  # a concurrent MERGE won: read again who holds it
-                if "Concurrent" not in type(exc).__name__ + str(exc):
+            except Exception as exc:  # a concurrent writer won: read again who holds it
+                if not is_write_conflict(exc):
                     raise
                 time.sleep(0.2 * (attempt + 1))
                 continue

@@ -226,6 +226,10 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: Model
     n_gallery = check_gallery(gallery.select("id"), f"gallery table {paths.gallery}")
     check_embedding_dim(gallery.limit(1000), "old_embedding", model.old_dim,
                         f"gallery table {paths.gallery}", f"h ({h.version})")
+    if is_delta_table(spark, paths.query_features):  # the queries the curve will rank with
+        check_embedding_dim(read_table(spark, paths.query_features).limit(1000), "embedding",
+                            model.new_dim, f"query_features {paths.query_features} (embedded by "
+                            f"the new model)", f"h ({h.version}), whose output")
     pairs = training_pairs(spark, h, new_model)
     if pairs is not None:
         pairs = pairs.join(gallery.select("id"), "id", "left_semi").persist()
@@ -299,6 +303,10 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: Model
                 "image_column": image_col, "batching": batching, **counts}
     log_row = spark.createDataFrame(
         [(0, n_pairs, fver, started, datetime.now(timezone.utc))], LOG_SCHEMA)
+    if not is_delta_table(spark, paths.backfill_lease):  # made here, by one writer
+        from fastfill_udfs.spark.lease import LEASE_SCHEMA
+
+        write_table(spark.createDataFrame([], LEASE_SCHEMA), paths.backfill_lease)
     write_table(log_row, paths.backfill_log, metadata=metadata)  # the marker: ranking is done
     log.info("rank %s (%s): %s; gallery_features version %d", run, policy, counts, fver)
     return {"skipped": False, **counts, "table_version": fver}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import numpy as np
+import pandas as pd  # module level: the pandas UDF's type hints are resolved against it
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -159,7 +160,6 @@ def transformation_udf(h, spark=None):
     `h`: a `Transformation`, a `ModelRef` or an MLflow URI / entry point of one (resolved with
     the current MLflow tracking URI). Use it in DataFrames, or in SQL after
     `spark.udf.register("fastfill_transform", transformation_udf(h))`."""
-    import pandas as pd
     from pyspark.sql import SparkSession
     from pyspark.sql.functions import pandas_udf
 
@@ -173,8 +173,10 @@ def transformation_udf(h, spark=None):
     spark = spark or SparkSession.getActiveSession()
     payload_bc = spark.sparkContext.broadcast(ModelPayload.from_model(h))
 
+    # Series-to-Series hints (the iterator form Spark infers); a struct result is yielded as a
+    # DataFrame, one column per field
     @pandas_udf(TRANSFORM_STRUCT)
-    def fastfill_transform(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+    def fastfill_transform(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         model = payload_bc.value.load()
         for old in batches:
             arr, reasons = embedding_matrix(pa.array(old, type=pa.list_(pa.float32())), old_dim)

@@ -1,7 +1,7 @@
 """Crashes as they really happen, and two jobs at once: `spark-submit pipelines/backfill.py` is
 started as a process group and killed with SIGKILL (a) during new-model inference, (b) right
 after a batch's MERGE commit appears in `_delta_log`, before its log row, (c) after a batch is
-logged, before its evaluation reaches MLflow. A fresh process then finishes the run: exactly
+logged, before its evaluation reaches MLflow (one run, killed three times in a row). A fresh process then finishes the run: exactly
 one feature row per id, every planned batch once in `backfill_log` and once in the MERGE
 history, MLflow steps without duplicates, and the curve of an uninterrupted run (1e-9).
 Two jobs started together on one run: one works, the other stops (or finds nothing left)."""
@@ -20,7 +20,7 @@ import pytest
 from .own_gallery_data import COLUMNS, make_gallery, sets, submit_env
 
 ROOT = Path(__file__).resolve().parents[2]
-PER_CLASS, BATCH, TRAIN_ROWS = 20, 40, 32
+PER_CLASS, BATCH, TRAIN_ROWS = 12, 40, 16       # 96 items, 80 planned: batches of 40, 40
 CURVE = ("mAP", "top1", "top5", "backfill_fraction")
 
 
@@ -93,17 +93,18 @@ def _tagged_merges(path: str) -> list[int]:
     return tags
 
 
-def _finish_and_check(spark, kill_env, run_name: str, log: Path) -> None:
-    """Rerun in a fresh process to completion; then exactly one of everything, and the curve
-    of the uninterrupted run."""
+def _finish_and_check(spark, kill_env, run_name: str, rerun: Path | None) -> None:
+    """Rerun in a fresh process to completion (logging to `rerun`; None: no rerun); then
+    exactly one of everything, and the curve of the uninterrupted run."""
     from mlflow.tracking import MlflowClient
 
     from fastfill_udfs.spark.backfill import planned_batches
     from fastfill_udfs.spark.delta_io import read_table, table_paths
     from fastfill_udfs.tracking import configure_mlflow
 
-    proc = _start(kill_env, run_name, log)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    if rerun is not None:
+        proc = _start(kill_env, run_name, rerun)
+        assert proc.wait(timeout=900) == 0, rerun.read_text()[-4000:]
     cfg = kill_env["make_cfg"](run_name)
     run = f"{run_name}_uncertainty"
     paths = table_paths(cfg, run)
@@ -128,62 +129,52 @@ def _finish_and_check(spark, kill_env, run_name: str, log: Path) -> None:
         kill_env["reference"]["aucs"]["mAP_auc"], abs=1e-9)
 
 
-def test_kill_during_inference_leaves_nothing_and_the_rerun_finishes(spark, kill_env, tmp_path):
+def test_killed_three_ways_then_finished_by_a_fresh_process(spark, kill_env, tmp_path):
+    """One run, killed (a) during batch 1's inference, then (b) right after batch 1's MERGE
+    commit, then (c) after batch 2's log row, before its evaluation; a fresh process finishes
+    it. Each kill leaves exactly what it should, and the end is the uninterrupted run."""
     from fastfill_udfs.spark.delta_io import latest_version, read_table, table_paths
     from fastfill_udfs.spark.jobs import rank_job
 
-    cfg = kill_env["make_cfg"]("killa")
+    cfg = kill_env["make_cfg"]("kill")
     rank_job(cfg, policy="uncertainty")
-    paths = table_paths(cfg, "killa_uncertainty")
+    paths = table_paths(cfg, "kill_uncertainty")
     ranked_at = latest_version(spark, paths.gallery_features)
+
+    def logged() -> list[int]:
+        return sorted(read_table(spark, paths.backfill_log).toPandas()["batch_id"])
+
+    # (a) during new-model inference: nothing of batch 1 anywhere
     marker = tmp_path / "inference-started"
-    proc = _start(kill_env, "killa", tmp_path / "killed.log", SLOW_MODEL_DELAY="5",
+    proc = _start(kill_env, "kill", tmp_path / "a.log", SLOW_MODEL_DELAY="5",
                   SLOW_MODEL_MARKER=str(marker))
     _kill_when(proc, marker.exists, "new-model inference")
-    assert read_table(spark, paths.backfill_log).toPandas()["batch_id"].tolist() == [0]
+    assert logged() == [0]
     assert latest_version(spark, paths.gallery_features) == ranked_at   # nothing partial
-    _finish_and_check(spark, kill_env, "killa", tmp_path / "rerun.log")
 
-
-def test_kill_right_after_the_merge_commit_is_finished_without_a_second_merge(
-        spark, kill_env, tmp_path):
-    from fastfill_udfs.spark.delta_io import read_table, table_paths
-    from fastfill_udfs.spark.jobs import rank_job
-
-    cfg = kill_env["make_cfg"]("killb")
-    rank_job(cfg, policy="uncertainty")
-    paths = table_paths(cfg, "killb_uncertainty")
-    proc = _start(kill_env, "killb", tmp_path / "killed.log")
+    # (b) right after batch 1's MERGE commit: merged, not logged
+    proc = _start(kill_env, "kill", tmp_path / "b.log")
     _kill_when(proc, lambda: 1 in _tagged_merges(paths.gallery_features),
                "batch 1's MERGE commit")
-    # the scenario happened: merged, not logged
-    assert read_table(spark, paths.backfill_log).toPandas()["batch_id"].tolist() == [0]
-    assert _tagged_merges(paths.gallery_features) == [1]
-    _finish_and_check(spark, kill_env, "killb", tmp_path / "rerun.log")
+    assert logged() == [0] and _tagged_merges(paths.gallery_features) == [1]
 
-
-def test_kill_before_a_logged_batch_is_evaluated(spark, kill_env, tmp_path):
-    from fastfill_udfs.spark.delta_io import table_paths
-    from fastfill_udfs.spark.jobs import rank_job
-
-    cfg = kill_env["make_cfg"]("killc")
-    rank_job(cfg, policy="uncertainty")
-    paths = table_paths(cfg, "killc_uncertainty")
+    # (c) after batch 2's log row, before its evaluation reached MLflow
     n_log_commits = len(_commits(paths.backfill_log))
-    proc = _start(kill_env, "killc", tmp_path / "killed.log")
-    # batch 1's log row is the first commit to the log after ranking; evaluation follows it
-    _kill_when(proc, lambda: len(_commits(paths.backfill_log)) > n_log_commits,
-               "batch 1's log row")
-    _finish_and_check(spark, kill_env, "killc", tmp_path / "rerun.log")
+    proc = _start(kill_env, "kill", tmp_path / "c.log")
+    _kill_when(proc, lambda: len(_commits(paths.backfill_log)) >= n_log_commits + 2,
+               "batch 2's log row")                  # batch 1 logged by (c), then batch 2
+    assert logged() == [0, 1, 2]
+    assert _tagged_merges(paths.gallery_features) == [1, 2]    # batch 1 was not merged again
+    _finish_and_check(spark, kill_env, "kill", tmp_path / "rerun.log")
 
 
 def test_two_jobs_on_one_run_commit_each_batch_once(spark, kill_env, tmp_path):
-    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    """Started together (a double-clicked job): one backfills, the other stops with a message
+    naming it (or, started later, finds nothing left); every batch is merged and logged once,
+    MLflow has one run with each step once."""
     from fastfill_udfs.spark.jobs import rank_job
 
-    cfg = kill_env["make_cfg"]("twin")
-    rank_job(cfg, policy="uncertainty")
-    paths = table_paths(cfg, "twin_uncertainty")
+    rank_job(kill_env["make_cfg"]("twin"), policy="uncertainty")
     logs = [tmp_path / "one.log", tmp_path / "two.log"]
     procs = [_start(kill_env, "twin", log, SLOW_MODEL_DELAY="0.5") for log in logs]
     codes = [p.wait(timeout=600) for p in procs]
@@ -194,10 +185,4 @@ def test_two_jobs_on_one_run_commit_each_batch_once(spark, kill_env, tmp_path):
         assert "is already being backfilled by" in loser and "Not starting it twice" in loser
     else:           # or it came after the winner and found nothing left to do
         assert any("0 to do now" in o for o in outputs), outputs
-    feats = read_table(spark, paths.gallery_features).toPandas()
-    assert feats["id"].is_unique and (feats["source"] == "new").all()
-    log = read_table(spark, paths.backfill_log).toPandas()
-    assert log["batch_id"].is_unique
-    tags = _tagged_merges(paths.gallery_features)
-    assert sorted(tags) == sorted(set(tags)) == sorted(log["batch_id"][log["batch_id"] > 0])
-    _finish_and_check(spark, kill_env, "twin", tmp_path / "after.log")
+    _finish_and_check(spark, kill_env, "twin", rerun=None)

@@ -59,7 +59,7 @@ def submit(args: list[str], setup: dict, conf: Path) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(foreign_setup):
+def pipeline_run(spark, foreign_setup):
     conf = foreign_setup["root"] / "my_gallery.yaml"
     conf.write_text(yaml.safe_dump(readme_config()))
     commands = readme_commands()
@@ -69,8 +69,13 @@ def pipeline_run(foreign_setup):
     outputs = {}
     for args in commands:
         outputs[args[1]] = submit(args, foreign_setup, conf).stdout
-    for args in commands[2:4]:                      # the same run with the random order
-        submit([a if a != "uncertainty" else "random" for a in args], foreign_setup, conf)
+    # the same gallery in random order, for comparison (in this process: quicker)
+    from fastfill_udfs.config import load_config
+    from fastfill_udfs.spark.jobs import backfill_job, rank_job
+
+    cfg = load_config([str(conf)], overrides(foreign_setup))
+    rank_job(cfg, policy="random")
+    backfill_job(cfg, policy="random", evaluate=True)
     return {"conf": conf, "outputs": outputs}
 
 
