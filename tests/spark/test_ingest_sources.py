@@ -69,3 +69,30 @@ def test_subgroups_come_from_the_row_else_from_the_configured_classes(user_table
     assert got == {"a": "eu", "b": "majority", "e": "us"}
     none = {r["id"]: r["subgroup"] for r in _derived_subgroups(rows, load_config([])).collect()}
     assert none == {"a": "eu", "b": None, "e": "us"}           # base: no classes configured
+
+
+def test_demo_own_data_ingest_holds_out_the_studys_training_split(spark, pipeline_env, tmp_path):
+    """data.dataset=image_folder: the gallery is exactly the study's test split (the same
+    seeded hash of each id), read through Spark; the rest trains the demo's models."""
+    import numpy as np
+    from PIL import Image
+
+    from fastfill_udfs.demo.protocol import load_split
+    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    from fastfill_udfs.spark.jobs import ingest_job
+
+    rng = np.random.default_rng(0)
+    for name in ("boots", "coats", "hats"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(
+                tmp_path / "images" / name / f"{i:02d}.png")
+    cfg = pipeline_env.make_cfg("ownfolder", "data.dataset=image_folder",
+                                f"data.image_folder={tmp_path / 'images'}",
+                                "data.train_limit=0", "data.test_limit=0",
+                                warehouse=tmp_path / "warehouse")
+    counts = ingest_job(cfg)
+    gallery = read_table(spark, table_paths(cfg).gallery).toPandas()
+    assert sorted(gallery["id"]) == sorted(load_split(cfg, "test").ids)
+    assert counts["gallery"] == len(gallery) < 36 and counts["quarantine"] == 0
+    assert set(gallery["image_uri"].str.startswith("file:")) == {True}
