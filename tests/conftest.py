@@ -56,3 +56,18 @@ def test_config(tmp_path):
         f"paths.outputs={tmp_path / 'outputs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ])
+
+
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which every later job would take as
+    the user's store (tracking_uri_for); a test may not hand its store to the next module."""
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != _USER_TRACKING_URI:
+        if _USER_TRACKING_URI is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = _USER_TRACKING_URI

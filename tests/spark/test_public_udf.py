@@ -3,6 +3,8 @@ registered with spark.udf.register) and `mlflow.pyfunc.spark_udf` on the logged 
 applied in-process; bad rows give null, not a failed query."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ def h_logged(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("udf")
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it to later tests
     mlflow.set_experiment("udf")
     torch.manual_seed(0)
     h = Transformation(5, 3, hidden_dim=16).eval()
