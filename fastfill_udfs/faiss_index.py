@@ -189,6 +189,12 @@ class VectorSpace:
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
         return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0))
 
+    def exact_query_vectors(self, queries: np.ndarray) -> np.ndarray:
+        """float64 query vectors for the exact scores, from the raw query embeddings (not the
+        float32 ones faiss searches with): for cosine normalised in float64, as
+        :func:`fastfill_udfs.metrics.retrieval_metrics` does."""
+        return self.exact_vectors(queries)
+
     def score_bounds(self) -> tuple[float, float]:
         """(lowest, highest) exact score any pair can have: [-1, 1] for cosine."""
         return -1.0, 1.0

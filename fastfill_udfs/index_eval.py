@@ -6,9 +6,10 @@ Per block of queries (blocks run on ``threads`` worker threads):
 1. **Sharded search.** The block is searched on every shard's exact (flat) store and the
    results merged by score: each query's top candidates, as a serving system returns them.
    With an approximate index (ivf / hnsw) the block is also searched on the approximate shards.
-2. **Exact scores.** One float64 matmul of the block against every stored vector (the shards'
-   own storage, normalised again in float64 as :func:`fastfill_udfs.metrics.retrieval_metrics`
-   does): the reference the search results are checked against. The vectors carry one extra
+2. **Exact scores.** One float64 matmul of the block (the raw query embeddings) against every
+   stored vector (the shards' own storage), both normalised in float64 as
+   :func:`fastfill_udfs.metrics.retrieval_metrics` does: the reference the search results are
+   checked against. The vectors carry one extra
    coordinate each so that the product comes out as ``c * (score - lowest score) + margin``, a
    positive affine map of the score onto [0, 2**32) (monotone, so the ranking and its ties are
    the float64 ranking's).
@@ -340,12 +341,18 @@ def evaluate_index(index: ShardedGalleryIndex, query_emb, query_labels, gallery_
     if nq == 0 or n == 0:
         return result
 
-    qv = index.space.query_vectors(q)
-    delta = index.space.score_error_bound(qv, gal.stored)
+    qv = index.space.query_vectors(q)            # what faiss searches with (float32)
+    q_exact = index.space.exact_query_vectors(q)   # what the exact scores use (float64)
+    # faiss's score vs the exact one: float32 rounding, plus the float32 query's direction
+    drift = np.sqrt(np.einsum("ij,ij->i", qv - q_exact, qv - q_exact)) if qv.shape == \
+        q_exact.shape else np.zeros(nq)
+    gmax = float(np.sqrt(np.einsum("ij,ij->i", gal.stored.astype(np.float64),
+                                   gal.stored.astype(np.float64))).max(initial=0.0))
+    delta = index.space.score_error_bound(qv, gal.stored) + 2.0 * drift * gmax
     kc = min(n, max(ks + recall_ks) + 1 + _CANDIDATE_MARGIN)
     step = max(1, min(block_size, _MAX_BLOCK_ELEMENTS // max(n, 1)))
-    state = _BlockScorer(index, gal, qv, qlab, glab, own, n_rel, delta, kc, ks, recall_ks,
-                         tolerance, result, step)
+    state = _BlockScorer(index, gal, qv, q_exact, qlab, glab, own, n_rel, delta, kc, ks,
+                         recall_ks, tolerance, result, step)
     starts = list(range(0, nq, step))
     import torch
 
@@ -377,11 +384,12 @@ class _BlockScorer:
     """Scores blocks of queries into ``result`` (thread-safe: each block writes its own rows;
     buffers are per thread)."""
 
-    def __init__(self, index, gal, qv, qlab, glab, own, n_rel, delta, kc, ks, recall_ks,
+    def __init__(self, index, gal, qv, q_exact, qlab, glab, own, n_rel, delta, kc, ks, recall_ks,
                  tolerance, result, step):
         import torch
 
         self.index, self.gal, self.qv, self.qlab, self.glab = index, gal, qv, qlab, glab
+        self.q_exact = q_exact
         self.own, self.n_rel, self.delta, self.kc = own, n_rel, delta, kc
         self.ks, self.recall_ks, self.tolerance, self.result, self.step = (
             ks, recall_ks, tolerance, result, step)
@@ -422,8 +430,7 @@ class _BlockScorer:
         buf = self._buffers()
         qb = self.qv[lo:hi]
         cand_s, cand_k = self.index.search_prepared(qb, self.kc, exact=True)
-        q_exact = self.index.space.exact_vectors(qb)
-        q_aug = np.hstack([q_exact * gal.scale, np.full((b, 1), gal.scale)])
+        q_aug = np.hstack([self.q_exact[lo:hi] * gal.scale, np.full((b, 1), gal.scale)])
         S = self._scores(q_aug, buf)                # scale * (score + shift), float64
         qlab, own, n_rel = self.qlab[lo:hi], self.own[lo:hi], self.n_rel[lo:hi]
         counted = n_rel > 0

@@ -62,8 +62,7 @@ def test_equals_retrieval_metrics_leave_one_out_with_ties(num_shards, threads):
                          topk=(1, 5, 10), block_size=128, threads=threads)
     skeys, stored = _stored(index)
     slabels = pd.Series(labels, index=keys).loc[skeys].to_numpy()
-    q = index.space.query_vectors(x)
-    ref = retrieval_metrics(q, labels, stored, slabels, query_ids=keys, gallery_ids=skeys,
+    ref = retrieval_metrics(x, labels, stored, slabels, query_ids=keys, gallery_ids=skeys,
                             topk=(1, 5, 10))
     _assert_same(got.metrics(), ref, 1e-12)             # the same vectors: the same numbers
     raw = retrieval_metrics(x, labels, x, labels, query_ids=keys, gallery_ids=keys,
@@ -81,7 +80,7 @@ def test_equals_retrieval_metrics_without_leave_one_out_and_for_foreign_queries(
     lq = np.concatenate([lg[:100], rng.integers(0, 14, 150).astype(object)])  # 12, 13: no match
     keys = np.arange(700, dtype=np.int64)
     index = ShardedGalleryIndex(8, num_shards=3).build(keys, xg)
-    q = index.space.query_vectors(xq)
+    q = xq                                              # raw queries, as the exact scores use
     skeys, stored = _stored(index)
     got = evaluate_index(index, xq, lq, pd.Series(lg, index=keys), block_size=64)
     _assert_same(got.metrics(), retrieval_metrics(q, lq, stored, lg), 1e-12)
@@ -107,7 +106,7 @@ def test_after_backfill_upserts_equals_the_mixed_gallery_and_subgroups_are_masks
     _assert_same(got.metrics(), retrieval_metrics(new, labels, mixed, labels, query_ids=keys,
                                                   gallery_ids=keys), 1e-6)
     group = labels < 3
-    sub = retrieval_metrics(index.space.query_vectors(new[group]), labels[group],
+    sub = retrieval_metrics(new[group], labels[group],
                             _stored(index)[1], labels, query_ids=keys[group], gallery_ids=keys)
     _assert_same(got.metrics(group), sub, 1e-12)
     with pytest.raises(ValueError, match="rows mask"):
@@ -125,8 +124,7 @@ def test_fast_map_is_certified_and_tolerance_zero_is_float64():
     keys = np.arange(600, dtype=np.int64)
     index = ShardedGalleryIndex(6, num_shards=2).build(keys, x)
     skeys, stored = _stored(index)
-    ref = retrieval_metrics(index.space.query_vectors(x), labels, stored, labels,
-                            query_ids=keys, gallery_ids=skeys)
+    ref = retrieval_metrics(x, labels, stored, labels, query_ids=keys, gallery_ids=skeys)
     loose = evaluate_index(index, x, labels, (keys, labels), query_keys=keys,
                            tolerance=float("inf"))
     counted = loose.n_relevant > 0
@@ -150,7 +148,7 @@ def test_cmc_from_candidates_counts_ties_at_the_kth_place_like_the_metric():
     keys = np.arange(400, dtype=np.int64)
     index = ShardedGalleryIndex(4, num_shards=3).build(keys, x)
     got = evaluate_index(index, x, labels, (keys, labels), query_keys=keys, topk=(1, 2, 5))
-    ref = retrieval_metrics(index.space.query_vectors(x), labels, _stored(index)[1], labels,
+    ref = retrieval_metrics(x, labels, _stored(index)[1], labels,
                             query_ids=keys, gallery_ids=keys, topk=(1, 2, 5))
     _assert_same(got.metrics(), ref, 1e-12)
     assert got.rows_cmc_full > 0                         # the fallback was exercised
@@ -163,8 +161,8 @@ def _recall_by_hand(index, x, keys, k):
     skeys, stored = _stored(index)
     g = stored.astype(np.float64)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    q = index.space.query_vectors(x).astype(np.float64)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    q = np.asarray(x, dtype=np.float64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
     s = q @ g.T
     col = {int(key): i for i, key in enumerate(skeys)}
     _, approx = index.search(x, k + 1)
