@@ -55,6 +55,7 @@ __all__ = ["EvalResult", "evaluate_index", "DEFAULT_TOLERANCE"]
 DEFAULT_TOLERANCE = 1e-7        # certified |AP - float64 AP| per query
 _MAX_BLOCK_ELEMENTS = 1 << 22   # scores held per block and worker (14 bytes each)
 _CANDIDATE_MARGIN = 8           # candidates searched beyond the largest k (+1 for the query)
+_FAISS_BLAS_FROM = 20           # queries per search from which faiss uses BLAS (its old default)
 _SENTINEL64 = -1.0e300             # the query's own item (leave-one-out): below every score
 _KEY_RANGE = float(2 ** 32 - 2 ** 12)  # mapped scores stay inside [0, 2**32)
 
@@ -125,41 +126,48 @@ def _ap_sorted(c: np.ndarray, m: np.ndarray, with_bound: bool, packed: bool = Fa
 
     def key(i):                                    # sparse reads, without the relevance bit
         return flat[i] >> 1 if packed else flat[i]
-    pos = np.flatnonzero(m)
     zeros = np.zeros(b)
+    pos = np.flatnonzero(m)                        # relevant entries, row-major ascending
     if not pos.size:
         return zeros, np.zeros(b, np.int64), zeros
-    rows = pos // n
-    cols = pos - rows * n
-    n_seen = np.bincount(rows, minlength=b)
+    n_seen = np.count_nonzero(m, axis=1)
+    rows = np.repeat(np.arange(b, dtype=np.int64), n_seen)
     off = np.zeros(b, np.int64)
     np.cumsum(n_seen[:-1], out=off[1:])
+    cols = pos - rows * n
     rank_in_row = np.arange(pos.size, dtype=np.int64) - off[rows]
-    below = rank_in_row.copy()                     # relevant items with a lower key
     v = key(pos)
-    lo = cols.copy()                               # first index of the item's tie group
-    act = np.flatnonzero(cols > 0)
-    act = act[key(pos[act] - 1) == v[act]]
-    while act.size:                                # ties are rare: walk them sparsely
-        lo[act] -= 1
-        act = act[lo[act] > 0]
-        act = act[key(rows[act] * n + lo[act] - 1) == v[act]]
-    tied = np.flatnonzero(lo != cols)
-    if tied.size:
-        below[tied] = np.searchsorted(pos, rows[tied] * n + lo[tied]) - off[rows[tied]]
+    # ties are rare: find the entries equal to their neighbour, then walk those sparsely
+    down = np.flatnonzero((key(pos - 1) == v) & (cols > 0))
+    lo, below = cols, rank_in_row                  # tie group start; relevant items below it
+    if down.size:
+        lo = cols.copy()
+        act = down
+        while act.size:
+            lo[act] -= 1
+            act = act[lo[act] > 0]
+            act = act[key(rows[act] * n + lo[act] - 1) == v[act]]
+        below = rank_in_row.copy()
+        below[down] = np.searchsorted(pos, rows[down] * n + lo[down]) - off[rows[down]]
     prec = (n_seen[rows] - below) / (n - lo).astype(np.float64)
-    ap_sum = np.bincount(rows, weights=prec, minlength=b)
+    filled = n_seen > 0
+    ap_sum = zeros.copy()
+    ap_sum[filled] = np.add.reduceat(prec, off[filled])
     if not with_bound:
         return ap_sum, n_seen, zeros
-    hi = cols.copy()                               # last index of the tie group
-    act = np.flatnonzero(cols < n - 1)
-    act = act[key(pos[act] + 1) == v[act]]
-    while act.size:
-        hi[act] += 1
-        act = act[hi[act] < n - 1]
-        act = act[key(rows[act] * n + hi[act] + 1) == v[act]]
+    last = flat.size - 1
+    up = np.flatnonzero((key(np.minimum(pos + 1, last)) == v) & (cols < n - 1))
+    hi = cols
+    if up.size:
+        hi = cols.copy()
+        act = up
+        while act.size:
+            hi[act] += 1
+            act = act[hi[act] < n - 1]
+            act = act[key(rows[act] * n + hi[act] + 1) == v[act]]
     # one entry per tie group holding a relevant item: its lowest relevant member
-    first = np.flatnonzero(((lo != cols) | (hi != cols)) & (below == rank_in_row))
+    grouped = np.union1d(down, up)
+    first = grouped[below[grouped] == rank_in_row[grouped]]
     if not first.size:
         return ap_sum, n_seen, zeros
     gr, g_hi = rows[first], hi[first]
@@ -359,8 +367,12 @@ def evaluate_index(index: ShardedGalleryIndex, query_emb, query_labels, gallery_
     # faiss and torch run one thread each: OpenMP pools spin against each other (and against
     # the workers) on a busy machine; the worker threads are the parallelism.
     faiss_before, torch_before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    blas_before = faiss.cvar.distance_compute_blas_threshold
     faiss.omp_set_num_threads(1)
     torch.set_num_threads(1)
+    # faiss 1.15 searches a flat index by BLAS only from 128,000 queries on; for the query
+    # blocks here its BLAS path is about twice as fast as the per-pair one (bench_eval_step)
+    faiss.cvar.distance_compute_blas_threshold = _FAISS_BLAS_FROM
     try:
         if threads == 1 or len(starts) == 1:
             for lo in starts:
@@ -371,6 +383,7 @@ def evaluate_index(index: ShardedGalleryIndex, query_emb, query_labels, gallery_
     finally:
         faiss.omp_set_num_threads(faiss_before)
         torch.set_num_threads(torch_before)
+        faiss.cvar.distance_compute_blas_threshold = blas_before
     result.rows_scored_float64 = state.rows_float64
     result.rows_cmc_full = state.rows_cmc_full
     for k in recall_ks:

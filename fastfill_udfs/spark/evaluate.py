@@ -270,8 +270,9 @@ class RunEvaluator:
             raise ReconciliationError(
                 f"run '{self.run}' batch {batch_id}: gallery_features at version {version} holds "
                 f"{n_new} new items, backfill_log says {n_backfilled}")
+        c1 = time.process_time()
         result = self._evaluate(self.index, self.source)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         out = self._summaries(result)
         out.update(result.recall_metrics())
         out["backfill_fraction"] = n_backfilled / max(1, self.index.ntotal)
@@ -283,6 +284,7 @@ class RunEvaluator:
                 out[f"{metric}_shortfall_{name}"] = (self.references[f"new_new_{metric}_{name}"]
                                                      - out[f"{metric}_{name}"])
         self.last_timing = {"index_update_s": t1 - t0, "scoring_s": t2 - t1,
+                            "scoring_cpu_s": c2 - c1,
                             "rows_float64": result.rows_scored_float64,
                             "map_error_bound": float(result.ap_error_bound[
                                 result.n_relevant > 0].mean()) if (result.n_relevant > 0).any()
