@@ -4,7 +4,6 @@ is committed; servable indexes exported to the warehouse and MLflow, loaded back
 for another run or version; image queries with the run's new model; the CLI and the notebook."""
 from __future__ import annotations
 
-import os
 import runpy
 from pathlib import Path
 
