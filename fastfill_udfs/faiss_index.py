@@ -1,53 +1,55 @@
-"""Exact sharded cosine-similarity index over gallery features, and evaluation through it.
+"""Sharded faiss index over gallery vectors: what the evaluation searches and what users serve.
 
 Design
 ------
-* One faiss ``IndexIDMap2(IndexFlatIP)`` per shard; an item with int64 key ``k`` lives in shard
-  ``k % num_shards``. Vectors are L2-normalised on the way in and stored as float32 (an
-  all-zero vector stays zero and scores 0 against everything), so inner product is
-  cosine similarity and the flat index makes every search exact.
-* ``faiss.IndexShards`` is not used: it routes added items to shards in contiguous chunks, not by
-  key, so an upsert could not find the shard holding a key, and its merge asks every shard for
-  all ``k`` results (``num_shards`` times the memory for a full ranking). Here each shard returns
-  its ``min(k, shard size)`` best (a full shard ranking is a ``range_search`` below every
-  cosine, cheaper than faiss's k-heap), and the concatenation is cut to the ``k`` best and
-  sorted with numpy: exact, memory ~ one (queries x k) result.
+* Vectors enter faiss through one :class:`VectorSpace` (``index_vectors(x, source)`` for the
+  gallery, ``query_vectors(q)`` for queries) and its faiss ``metric``: the one place that fixes
+  the distance. Today it is cosine: L2-normalised float32 vectors and inner product (an
+  all-zero vector stays zero and scores 0 against everything). Scores are "higher is better"
+  in every space, so the shard merge and the evaluation never ask which distance is in use.
+* One exact store per shard, ``IndexIDMap2(IndexFlat)``; an item with int64 key ``k`` lives in
+  shard ``k % num_shards``. ``faiss.IndexShards`` is not used: it routes added items to shards in
+  contiguous chunks, not by key, so an upsert could not find the shard holding a key. A query
+  block is searched on every shard (each returns its ``min(k, shard size)`` best) and the
+  results are merged by score: exact, memory ~ one (queries x k) result.
 * :meth:`ShardedGalleryIndex.upsert` (what a backfill batch does) keeps, per shard, the keys in
-  sorted order with their storage positions. A key already present has its vector overwritten in
-  place in the flat index's storage (a numpy view of its codes): O(batch * log(shard size)), no
-  pass over the shard. New keys are appended with ``add_with_ids`` (amortised O(batch)) plus a
-  sorted insert into the lookup (a memmove of 16 bytes per shard item). The
-  ``method="remove_add"`` variant (one ``remove_ids(IDSelectorBatch)`` per shard, then
-  ``add_with_ids``) is kept for comparison: O(shard size) per call, since the flat index compacts
-  its storage and ``IndexIDMap2`` rebuilds its reverse hash map (``bench/bench_faiss_update.py``).
-
-:func:`evaluate_index` ranks the whole gallery for each query through the index
-(``k = ntotal``) and scores the rankings with :func:`fastfill_udfs.metrics.ranked_metrics`, so it
-equals :func:`fastfill_udfs.metrics.retrieval_metrics` on the same vectors up to float32
-precision: items with identical normalised vectors (duplicates, positive rescalings) tie exactly
-as in the float64 reference, but scores closer than ~1e-7 (cosines equal only in exact
-arithmetic, e.g. from coarse integer vectors, and genuine near-ties) are resolved by float32
-rounding, so they may tie or order differently than in float64.
+  sorted order with their storage positions. A key already present has its vector overwritten
+  in place in the flat index's storage (a numpy view of its codes): O(batch * log(shard size)),
+  no pass over the shard. New keys are appended with ``add_with_ids`` plus a sorted insert into
+  the lookup. The ``method="remove_add"`` variant (one ``remove_ids`` per shard, then
+  ``add_with_ids``) is kept for comparison (``bench/bench_faiss_update.py``).
+* Approximate search (:class:`IndexSpec` ``kind="ivf"`` or ``"hnsw"``): each shard also holds an
+  ``IndexIVFFlat`` (ids = keys; an upsert removes and re-adds the batch's keys; the coarse
+  quantizer is trained on the vectors the shard holds when it is first filled) or an
+  ``IndexHNSWFlat`` (HNSW cannot remove: an upserted key's old node stays in the graph as a
+  tombstone, masked out of every search by an ``IDSelectorBitmap``, and its new vector is
+  inserted as a new node). :meth:`ShardedGalleryIndex.search` is then approximate and
+  ``search(..., exact=True)`` searches the flat stores, which stay the ground truth; an
+  approximate index therefore holds each vector twice (flat + ANN), the price of measuring
+  what the approximation loses (``recall_at_<k>`` in the evaluation).
+* :meth:`ShardedGalleryIndex.save` / :meth:`ShardedGalleryIndex.load` write and read the shards
+  (faiss's own format) plus the key arrays, in a plain folder: no Spark needed to load it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
 
-from fastfill_udfs.metrics import ranked_metrics
+__all__ = ["VectorSpace", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS"]
 
-__all__ = ["ShardedGalleryIndex", "evaluate_index"]
-
-# Upper bound on ranked entries (queries x gallery) held per evaluation block.
-_MAX_BLOCK_ELEMENTS = 1 << 21
-# Range-search radius below every cosine similarity (full rankings use range_search).
-_BELOW_ALL = -3.0
-_SHOW = 5                              # offending keys named in an error message
+log = logging.getLogger(__name__)
+DISTANCES = ("cosine",)            # evaluation.distance; "l2" and calibration plug in here
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+_SHOW = 5                          # offending keys named in an error message
+_FORMAT = "fastfill-shards/1"      # format tag of a saved index folder
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -132,16 +134,319 @@ def _normalise(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-class _Shard:
-    """One ``IndexIDMap2(IndexFlatIP)`` and its sorted key -> storage position lookup."""
+# ----------------------------------------------------------------------------- vector space
+class VectorSpace:
+    """How embeddings enter faiss and meet queries: the one place that fixes the distance.
 
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.flat = faiss.IndexFlatIP(dim)
+    ``distance="cosine"`` (the only one today): gallery and query vectors are L2-normalised in
+    float32 and compared by inner product (``metric`` = ``faiss.METRIC_INNER_PRODUCT``), so a
+    score is the cosine similarity. Every space returns "higher is better" scores.
+
+    Extension points (issue 10 wires them in): ``index_vectors`` receives each row's ``source``
+    (``"new"`` / ``"transformed"``) so a per-source affine calibration can scale transformed
+    vectors and append constant coordinates (``index_dim`` then grows, and ``query_vectors``
+    appends the matching query coordinates); an L2 space can keep inner product on augmented
+    vectors (``[2g, -|g|^2]`` against ``[q, 1]`` ranks as ``-|q - g|^2``) or set ``metric`` to
+    ``faiss.METRIC_L2`` and negate faiss's distances in ``scores_from_faiss``.
+    Raises ValueError for an unknown ``distance``, naming ``evaluation.distance``.
+    """
+
+    def __init__(self, distance: str = "cosine"):
+        if distance not in DISTANCES:
+            raise ValueError(f"evaluation.distance must be one of {DISTANCES} in this version of "
+                             f"the index, got {distance!r}")
+        self.distance = distance
+
+    @property
+    def metric(self) -> int:
+        """The faiss metric of every index built in this space."""
+        return faiss.METRIC_INNER_PRODUCT
+
+    def index_dim(self, dim: int) -> int:
+        """Width of the vectors faiss stores for ``dim``-wide embeddings."""
+        return int(dim)
+
+    def index_vectors(self, embeddings: np.ndarray, source=None) -> np.ndarray:
+        """Gallery embeddings (n x dim, checked finite) as faiss stores them: float32,
+        C-contiguous, a new array. ``source`` (n,) says which model made each row (unused by
+        plain cosine)."""
+        return _normalise(embeddings)
+
+    def query_vectors(self, queries: np.ndarray) -> np.ndarray:
+        """Query embeddings (nq x dim, checked finite) as faiss searches with them."""
+        return _normalise(queries)
+
+    def scores_from_faiss(self, distances: np.ndarray) -> np.ndarray:
+        """faiss's search output as "higher is better" scores (identity for inner product)."""
+        return distances
+
+    def exact_vectors(self, stored: np.ndarray) -> np.ndarray:
+        """float64 vectors whose inner products are the exact scores of stored (index-space)
+        vectors: for cosine the stored float32 vectors normalised again in float64, as
+        :func:`fastfill_udfs.metrics.retrieval_metrics` normalises its input (zero rows stay
+        zero)."""
+        x = np.asarray(stored, dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+        return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0))
+
+    def exact_query_vectors(self, queries: np.ndarray) -> np.ndarray:
+        """float64 query vectors for the exact scores, from the raw query embeddings (not the
+        float32 ones faiss searches with): for cosine normalised in float64, as
+        :func:`fastfill_udfs.metrics.retrieval_metrics` does."""
+        return self.exact_vectors(queries)
+
+    def score_bounds(self) -> tuple[float, float]:
+        """(lowest, highest) exact score any pair can have: [-1, 1] for cosine."""
+        return -1.0, 1.0
+
+    def score_error_bound(self, query_vectors: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        """Per query, a bound on |faiss's float32 score - the exact float64 score| against any
+        of the ``stored`` vectors: a float32 dot product of width D errs by at most about
+        D * 2**-24 * |q| * |g| (taken twice over), plus the renormalisation of
+        :meth:`exact_vectors` (|q||g| - 1 for cosine)."""
+        q = np.asarray(query_vectors, dtype=np.float64)
+        g = np.asarray(stored, dtype=np.float64)
+        qn = np.sqrt(np.einsum("ij,ij->i", q, q))
+        gn = np.sqrt(np.einsum("ij,ij->i", g, g))
+        gmax = float(gn.max(initial=0.0))
+        gmin = float(gn[gn > 0].min(initial=gmax)) if gn.size else 0.0
+        rounding = 2.0 * (q.shape[1] + 2) * 2.0 ** -24 * qn * gmax
+        renorm = np.maximum(np.abs(qn * gmax - 1.0), np.abs(qn * gmin - 1.0)) * (gmax > 0)
+        return rounding + np.where(qn > 0, renorm, 0.0) + 1e-12
+
+    def describe(self) -> dict:
+        """JSON-able identity (recorded with a saved index)."""
+        return {"distance": self.distance}
+
+    @classmethod
+    def from_description(cls, description: Mapping) -> "VectorSpace":
+        return cls(description.get("distance", "cosine"))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, VectorSpace) and self.describe() == other.describe()
+
+    def __repr__(self) -> str:
+        return f"VectorSpace(distance={self.distance!r})"
+
+
+# ----------------------------------------------------------------------------- index spec
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which faiss index each shard holds (config ``evaluation.index`` and its parameters).
+
+    ``kind``: ``flat`` (exact), ``ivf`` (``IndexIVFFlat``: ``nlist`` inverted lists per shard,
+    0 = about 4 * sqrt(shard size); ``nprobe`` lists searched) or ``hnsw`` (``IndexHNSWFlat``:
+    ``m`` links per node, ``ef_construction``, ``ef_search``). Raises ValueError naming the
+    config key of a bad value."""
+
+    kind: str = "flat"
+    num_shards: int = 4
+    nlist: int = 0
+    nprobe: int = 8
+    m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+
+    def __post_init__(self):
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"evaluation.index must be one of {INDEX_KINDS}, got {self.kind!r}")
+        for name, key, low in (("num_shards", "evaluation.num_shards", 1),
+                               ("nlist", "evaluation.ivf.nlist", 0),
+                               ("nprobe", "evaluation.ivf.nprobe", 1),
+                               ("m", "evaluation.hnsw.m", 2),
+                               ("ef_construction", "evaluation.hnsw.ef_construction", 1),
+                               ("ef_search", "evaluation.hnsw.ef_search", 1)):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+                    or value < low:
+                raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind != "flat"
+
+    @classmethod
+    def from_config(cls, cfg) -> "IndexSpec":
+        """From a Config's ``evaluation`` section (``cfg.get_path`` keys)."""
+        return cls(kind=cfg.get_path("evaluation.index"),
+                   num_shards=cfg.get_path("evaluation.num_shards"),
+                   nlist=cfg.get_path("evaluation.ivf.nlist"),
+                   nprobe=cfg.get_path("evaluation.ivf.nprobe"),
+                   m=cfg.get_path("evaluation.hnsw.m"),
+                   ef_construction=cfg.get_path("evaluation.hnsw.ef_construction"),
+                   ef_search=cfg.get_path("evaluation.hnsw.ef_search"))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for logs and printouts."""
+        if self.kind == "ivf":
+            return (f"ivf (nlist {self.nlist or 'auto'}, nprobe {self.nprobe}) x "
+                    f"{self.num_shards} shards")
+        if self.kind == "hnsw":
+            return (f"hnsw (M {self.m}, efConstruction {self.ef_construction}, efSearch "
+                    f"{self.ef_search}) x {self.num_shards} shards")
+        return f"flat (exact) x {self.num_shards} shards"
+
+
+# ----------------------------------------------------------------------------- approximate parts
+class _IvfAnn:
+    """``IndexIVFFlat`` over one shard's keys (faiss ids = keys): an upsert removes the batch's
+    keys and adds them again. The coarse quantizer is trained on the first vectors added (the
+    gallery as built), so it reflects the gallery at that time."""
+
+    def __init__(self, dim: int, metric: int, spec: IndexSpec):
+        self.dim, self.metric, self.spec = dim, metric, spec
+        self.index = None
+        self.quantizer = None                      # kept referenced while the index lives
+
+    @property
+    def ntotal(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    @property
+    def nlist(self) -> int:
+        return 0 if self.index is None else int(self.index.nlist)
+
+    def _create(self, x: np.ndarray) -> None:
+        n = len(x)
+        if self.spec.nlist:
+            nlist = min(self.spec.nlist, n)
+            if nlist < self.spec.nlist:
+                log.warning("evaluation.ivf.nlist=%d exceeds the %d vectors of a shard: using %d "
+                            "lists", self.spec.nlist, n, nlist)
+        else:                                      # ~4 sqrt(n), at least 39 points per list
+            nlist = max(1, min(int(round(4 * np.sqrt(n))), n // 39))
+        self.quantizer = faiss.IndexFlat(self.dim, self.metric)
+        index = faiss.IndexIVFFlat(self.quantizer, self.dim, nlist, self.metric)
+        index.cp.min_points_per_centroid = 1       # small shards: no "too few points" warning
+        index.train(x)
+        self.index = index
+
+    def add(self, keys: np.ndarray, x: np.ndarray) -> None:
+        if not len(keys):
+            return
+        if self.index is None:
+            self._create(x)
+        self.index.add_with_ids(x, keys)
+
+    def upsert(self, keys: np.ndarray, x: np.ndarray, present: np.ndarray) -> None:
+        if self.index is not None and present.any():
+            self.index.remove_ids(faiss.IDSelectorBatch(keys[present]))
+        self.add(keys, x)
+
+    def search(self, q: np.ndarray, k: int):
+        if self.ntotal == 0:
+            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+        params = faiss.SearchParametersIVF(nprobe=min(self.spec.nprobe, self.nlist))
+        return self.index.search(q, k, params=params)
+
+    def save(self, base: Path) -> dict:
+        if self.index is None:
+            return {}
+        faiss.write_index(self.index, str(base) + ".ivf.faiss")
+        return {"ivf": base.name + ".ivf.faiss"}
+
+    def load(self, folder: Path, files: Mapping) -> None:
+        if files.get("ivf"):
+            self.index = faiss.read_index(str(_existing(folder / files["ivf"])))
+
+
+class _HnswAnn:
+    """``IndexHNSWFlat`` over one shard: nodes are numbered in insertion order; ``node_keys``
+    maps them to keys. HNSW cannot remove a node, so an upserted key's old node becomes a
+    tombstone (``live`` False), masked out of searches, and its new vector a new node."""
+
+    def __init__(self, dim: int, metric: int, spec: IndexSpec):
+        self.spec = spec
+        self.index = faiss.IndexHNSWFlat(dim, spec.m, metric)
+        self.index.hnsw.efConstruction = spec.ef_construction
+        self.node_keys = np.zeros(0, np.int64)
+        self.live = np.zeros(0, bool)
+        self.sorted_keys = np.zeros(0, np.int64)   # key -> its live node, for upserts
+        self.sorted_nodes = np.zeros(0, np.int64)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.live.sum())
+
+    @property
+    def tombstones(self) -> int:
+        return int(len(self.live) - self.live.sum())
+
+    def add(self, keys: np.ndarray, x: np.ndarray) -> None:
+        if not len(keys):
+            return
+        start = int(self.index.ntotal)
+        self.index.add(x)
+        nodes = start + np.arange(len(keys), dtype=np.int64)
+        at = _lookup(self.sorted_keys, keys)
+        old = at >= 0
+        self.live = np.concatenate([self.live, np.ones(len(keys), bool)])
+        self.live[self.sorted_nodes[at[old]]] = False
+        self.sorted_nodes[at[old]] = nodes[old]
+        if not old.all():
+            nk, nn = keys[~old], nodes[~old]
+            order = np.argsort(nk, kind="stable")
+            ins = np.searchsorted(self.sorted_keys, nk[order])
+            self.sorted_keys = np.insert(self.sorted_keys, ins, nk[order])
+            self.sorted_nodes = np.insert(self.sorted_nodes, ins, nn[order])
+        self.node_keys = np.concatenate([self.node_keys, keys])
+
+    def upsert(self, keys: np.ndarray, x: np.ndarray, present: np.ndarray) -> None:
+        self.add(keys, x)
+
+    def search(self, q: np.ndarray, k: int):
+        nq = len(q)
+        if not len(self.live) or not self.live.any():
+            return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+        bits = sel = None
+        if not self.live.all():
+            bits = np.packbits(self.live, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(self.live), faiss.swig_ptr(bits))
+        params = faiss.SearchParametersHNSW(efSearch=max(self.spec.ef_search, k), sel=sel)
+        d, nodes = self.index.search(q, k, params=params)
+        del bits, sel                              # alive until the search returned
+        return d, np.where(nodes >= 0, self.node_keys[np.maximum(nodes, 0)], -1)
+
+    def save(self, base: Path) -> dict:
+        faiss.write_index(self.index, str(base) + ".hnsw.faiss")
+        np.savez(str(base) + ".hnsw.npz", node_keys=self.node_keys, live=self.live)
+        return {"hnsw": base.name + ".hnsw.faiss", "hnsw_nodes": base.name + ".hnsw.npz"}
+
+    def load(self, folder: Path, files: Mapping) -> None:
+        self.index = faiss.read_index(str(_existing(folder / files["hnsw"])))
+        with np.load(_existing(folder / files["hnsw_nodes"])) as arrays:
+            self.node_keys = arrays["node_keys"].astype(np.int64)
+            self.live = arrays["live"].astype(bool)
+        nodes = np.flatnonzero(self.live)
+        order = np.argsort(self.node_keys[nodes], kind="stable")
+        self.sorted_keys = self.node_keys[nodes][order]
+        self.sorted_nodes = nodes[order].astype(np.int64)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"saved index is incomplete: {path} is missing")
+    return path
+
+
+class _Shard:
+    """One exact store ``IndexIDMap2(IndexFlat)`` with its sorted key -> storage position
+    lookup, and the shard's approximate index when the spec asks for one."""
+
+    def __init__(self, dim: int, metric: int = faiss.METRIC_INNER_PRODUCT,
+                 spec: IndexSpec | None = None):
+        self.dim, self.metric = dim, metric
+        self.flat = faiss.IndexFlat(dim, metric)
         self.index = faiss.IndexIDMap2(self.flat)
         self.sorted_keys = np.zeros(0, dtype=np.int64)
         self.sorted_pos = np.zeros(0, dtype=np.int64)
         self.lookup_ok = True                      # False after remove_ids moved positions
+        spec = spec or IndexSpec()
+        self.ann = (_IvfAnn(dim, metric, spec) if spec.kind == "ivf" else
+                    _HnswAnn(dim, metric, spec) if spec.kind == "hnsw" else None)
 
     @property
     def ntotal(self) -> int:
@@ -170,8 +475,8 @@ class _Shard:
         return out
 
     def append(self, keys: np.ndarray, x: np.ndarray) -> None:
-        """Append absent ``keys`` with their normalised vectors ``x``; the lookup is updated by a
-        sorted insert (O(shard size) memmove, no re-sort)."""
+        """Append absent ``keys`` with their vectors ``x``; the lookup is updated by a sorted
+        insert (O(shard size) memmove, no re-sort)."""
         start = self.ntotal
         self.index.add_with_ids(x, keys)
         if self.lookup_ok:
@@ -182,33 +487,60 @@ class _Shard:
             self.sorted_pos = np.insert(self.sorted_pos, at, start + order.astype(np.int64))
 
     def search(self, q: np.ndarray, k: int):
-        """Exact top-``min(k, ntotal)`` of normalised queries ``q``; rows sorted only when
-        ``k < ntotal`` (a full ranking is a range search over all items, left unsorted)."""
-        n = self.ntotal
-        if k < n:
-            return self.index.search(q, k)
-        lims, d, i = self.index.range_search(q, _BELOW_ALL)
-        if len(d) == q.shape[0] * n and np.all(np.diff(lims) == n):
-            return d.reshape(-1, n), i.reshape(-1, n)
-        return self.index.search(q, n)           # not expected: some item scored <= radius
+        """Exact top-``min(k, ntotal)`` of (index-space) queries ``q``: (scores, keys)."""
+        return self.index.search(q, min(k, self.ntotal))
+
+    def search_approximate(self, q: np.ndarray, k: int):
+        return self.ann.search(q, min(k, self.ann.ntotal) or 1)
+
+    def save(self, folder: Path, s: int) -> dict:
+        base = folder / f"shard_{s}"
+        faiss.write_index(self.index, str(base) + ".flat.faiss")
+        files = {"flat": base.name + ".flat.faiss"}
+        if self.ann is not None:
+            files.update(self.ann.save(base))
+        return files
+
+    def load(self, folder: Path, files: Mapping) -> None:
+        index = faiss.read_index(str(_existing(folder / files["flat"])))
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise ValueError(f"{folder / files['flat']} is not an IndexIDMap2 shard")
+        self.index = index
+        self.flat = faiss.downcast_index(index.index)
+        self.lookup_ok = False                     # rebuilt from the id map on first use
+        if self.ann is not None:
+            self.ann.load(folder, files)
 
 
 # ----------------------------------------------------------------------------- index
 class ShardedGalleryIndex:
-    """Exact cosine-similarity index over int64-keyed gallery vectors, sharded by ``key % num_shards``.
+    """Gallery vectors under int64 keys, sharded by ``key % num_shards``, searched by score.
 
-    Args: ``dim`` the vector width; ``num_shards`` the number of faiss
-    ``IndexIDMap2(IndexFlatIP)`` shards. Keys must be non-negative int64 (faiss uses -1 for
-    "no result"). Raises ValueError on a non-positive ``dim`` or ``num_shards``.
+    Args: ``dim`` the embedding width (before the space's transform); ``num_shards`` (kept for
+    the old call form; overrides ``spec.num_shards`` when given); ``spec`` an
+    :class:`IndexSpec` (flat by default); ``space`` the :class:`VectorSpace` (cosine by default).
+    Keys must be non-negative int64 (faiss uses -1 for "no result"). Raises ValueError on a
+    non-positive ``dim`` or ``num_shards``.
     """
 
-    def __init__(self, dim: int, num_shards: int = 4):
+    def __init__(self, dim: int, num_shards: int | None = None, *, spec: IndexSpec | None = None,
+                 space: VectorSpace | None = None):
         self.dim = _check_pos_int(dim, "dim")
-        self.num_shards = _check_pos_int(num_shards, "num_shards")
-        self._shards = [_Shard(self.dim) for _ in range(self.num_shards)]
+        spec = spec or IndexSpec()
+        if num_shards is not None:
+            spec = IndexSpec(**{**spec.as_dict(), "num_shards": _check_pos_int(num_shards,
+                                                                               "num_shards")})
+        self.spec = spec
+        self.num_shards = spec.num_shards
+        self.space = space or VectorSpace()
+        self.index_dim = self.space.index_dim(self.dim)
+        self._shards = self._new_shards()
+
+    def _new_shards(self) -> list:
+        return [_Shard(self.index_dim, self.space.metric, self.spec) for _ in range(self.num_shards)]
 
     # -- checks
-    def _check_items(self, keys, vectors, what: str):
+    def _check_items(self, keys, vectors, sources, what: str):
         k = _as_keys(keys, "keys")
         x = _to_numpy(vectors)
         if x.ndim == 2 and x.shape[0] != len(k):
@@ -220,56 +552,70 @@ class ShardedGalleryIndex:
         dup = np.unique(sk[1:][sk[1:] == sk[:-1]])
         if dup.size:
             raise ValueError(f"{what}: duplicate keys in one call: {_first(dup)}")
-        return k, x
+        if sources is not None:
+            sources = np.asarray(sources, dtype=object)
+            if sources.shape != (len(k),):
+                raise ValueError(f"{what}: sources has shape {sources.shape}, expected "
+                                 f"({len(k)},) (one per key)")
+        return k, x, sources
 
     # -- updates
-    def build(self, keys, vectors) -> "ShardedGalleryIndex":
-        """Full rebuild: drop everything, then index ``vectors`` (n x dim) under ``keys`` (n,).
+    def build(self, keys, vectors, sources=None) -> "ShardedGalleryIndex":
+        """Full rebuild: drop everything, then index ``vectors`` (n x dim) under ``keys`` (n,);
+        ``sources`` (n,) tells the space which model made each row (optional).
 
         Raises ValueError on a dim mismatch, NaN/inf vectors (naming their keys), duplicate or
         negative keys, or a keys/vectors length mismatch; the index is unchanged then.
         """
-        k, x = self._check_items(keys, vectors, "build")
+        k, x, sources = self._check_items(keys, vectors, sources, "build")
+        xs = self.space.index_vectors(x, sources)
         shard_of = k % self.num_shards
-        shards = [_Shard(self.dim) for _ in range(self.num_shards)]
+        shards = self._new_shards()
         for s, shard in enumerate(shards):               # each shard stored in key order
             sel = np.flatnonzero(shard_of == s)
             sel = sel[np.argsort(k[sel], kind="stable")]
             if sel.size:
-                shard.index.add_with_ids(_normalise(x, sel), k[sel])
+                part = np.ascontiguousarray(xs[sel])
+                shard.index.add_with_ids(part, k[sel])
+                if shard.ann is not None:
+                    shard.ann.add(k[sel], part)
             shard.sorted_keys = k[sel]
             shard.sorted_pos = np.arange(sel.size, dtype=np.int64)
         self._shards = shards
         return self
 
-    def upsert(self, keys, vectors, *, method: str = "inplace") -> "ShardedGalleryIndex":
+    def upsert(self, keys, vectors, sources=None, *, method: str = "inplace"
+               ) -> "ShardedGalleryIndex":
         """Insert or replace: after the call each key in ``keys`` maps to its row of ``vectors``.
 
         ``method="inplace"`` (default) overwrites present keys' vectors in the shard storage and
         appends the new ones (O(batch)); ``"remove_add"`` removes present keys with one
-        ``remove_ids`` per shard and re-adds the whole batch (O(shard size)). Raises ValueError
-        as :meth:`build` does, or on an unknown ``method``; the index is unchanged then.
+        ``remove_ids`` per shard and re-adds the whole batch (O(shard size)). An approximate
+        index is updated too (see the module docstring). Raises ValueError as :meth:`build`
+        does, or on an unknown ``method``; the index is unchanged then.
         """
         if method not in ("inplace", "remove_add"):
             raise ValueError(f"method must be 'inplace' or 'remove_add', got {method!r}")
-        k, x = self._check_items(keys, vectors, "upsert")
+        k, x, sources = self._check_items(keys, vectors, sources, "upsert")
         if not len(k):
             return self
-        x = _normalise(x)
+        x = self.space.index_vectors(x, sources)
         shard_of = k % self.num_shards
         for s, shard in enumerate(self._shards):
             sel = np.flatnonzero(shard_of == s)
             if not sel.size:
                 continue
-            ks, xs = k[sel], x[sel]
+            ks, xs = k[sel], np.ascontiguousarray(x[sel])
+            pos = shard.positions(ks)
+            present = pos >= 0
+            if shard.ann is not None:
+                shard.ann.upsert(ks, xs, present)
             if method == "remove_add":
-                if shard.ntotal:
-                    shard.index.remove_ids(faiss.IDSelectorBatch(ks))
+                if present.any():
+                    shard.index.remove_ids(faiss.IDSelectorBatch(ks[present]))
                 shard.index.add_with_ids(xs, ks)
                 shard.lookup_ok = False
                 continue
-            pos = shard.positions(ks)
-            present = pos >= 0
             if present.any():
                 shard.storage()[pos[present]] = xs[present]
             if not present.all():
@@ -298,55 +644,126 @@ class ShardedGalleryIndex:
         parts = [s.keys_by_pos() for s in self._shards if s.ntotal]
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
-    def search(self, queries, k: int):
-        """Exact top-``k`` cosine search of ``queries`` (nq x dim) over all shards.
+    def check_queries(self, queries, name: str = "queries") -> np.ndarray:
+        """``queries`` as a float (nq x dim) array; raises ValueError naming ``name`` for a
+        wrong shape or dimension and naming the rows with NaN or infinite values."""
+        return _as_matrix(queries, self.dim, name)
 
-        Returns ``(scores, keys)``: float32 (nq, k) in descending order per row and int64
-        (nq, k); where ``k`` exceeds ``ntotal`` the tail is padded with score ``-inf`` and key
-        -1. Ties are returned in arbitrary order. Raises ValueError on a dim mismatch, NaN/inf
-        queries or a non-positive ``k``.
+    def search(self, queries, k: int, *, exact: bool | None = None):
+        """Top-``k`` of ``queries`` (nq x dim, raw embeddings: the space prepares them) over all
+        shards, merged by score.
+
+        ``exact``: search the flat stores (default for a flat index) or the approximate index
+        (default for ivf / hnsw). Returns ``(scores, keys)``: float32 (nq, k) in descending
+        order per row and int64 (nq, k); where fewer than ``k`` items are found the tail is
+        padded with score ``-inf`` and key -1. Ties are returned in arbitrary order. Raises
+        ValueError on a dim mismatch, NaN/inf queries or a non-positive ``k``.
         """
         k = _check_pos_int(k, "k")
-        q = _normalise(_as_matrix(queries, self.dim, "queries"))
+        q = self.space.query_vectors(self.check_queries(queries))
+        return self.search_prepared(q, k, exact=exact)
+
+    def search_prepared(self, q: np.ndarray, k: int, *, exact: bool | None = None):
+        """:meth:`search` for queries already in the index space (``space.query_vectors``)."""
+        exact = not self.spec.approximate if exact is None else bool(exact)
+        if not exact and not self.spec.approximate:
+            raise ValueError("this index is flat: there is no approximate search")
         nq = q.shape[0]
-        kr = min(k, self.ntotal)                   # real results per query
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         keys = np.full((nq, k), -1, dtype=np.int64)
-        if nq == 0 or kr == 0:
+        live = [s for s in self._shards if (s.ntotal if exact else s.ann.ntotal)]
+        if nq == 0 or not live:
             return scores, keys
-        parts = [s.search(q, k) for s in self._shards if s.ntotal]
+        parts = [s.search(q, k) if exact else s.search_approximate(q, k) for s in live]
         d = np.concatenate([p[0] for p in parts], axis=1)
         i = np.concatenate([p[1] for p in parts], axis=1)
         del parts
+        d = np.where(i >= 0, self.space.scores_from_faiss(d), -np.inf).astype(np.float32)
+        kr = min(k, d.shape[1])
         if d.shape[1] > kr:                        # keep the kr best (ties at the cut: any)
             part = np.argpartition(-d, kr - 1, axis=1)[:, :kr]
             d, i = np.take_along_axis(d, part, axis=1), np.take_along_axis(i, part, axis=1)
-        order = np.argsort(-d, axis=1)
+        order = np.argsort(-d, axis=1, kind="stable")
         scores[:, :kr] = np.take_along_axis(d, order, axis=1)
         keys[:, :kr] = np.take_along_axis(i, order, axis=1)
+        keys[np.isneginf(scores)] = -1
         return scores, keys
 
-    def reconstruct_all(self):
-        """All items as ``(keys, vectors)``: int64 (n,) ascending and the stored (normalised)
-        float32 vectors (n x dim)."""
-        parts_k, parts_x = [], []
+    def stored_vectors(self):
+        """Per non-empty shard, ``(keys, vectors)``: the keys in storage order and a read-only
+        float32 view of the stored (index-space) vectors; valid until the next update."""
+        out = []
         for s in self._shards:
             if s.ntotal:
-                parts_k.append(s.keys_by_pos())
-                parts_x.append(s.storage().copy())
-        if not parts_k:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
-        keys, vecs = np.concatenate(parts_k), np.concatenate(parts_x)
+                view = s.storage()
+                view.flags.writeable = False
+                out.append((s.keys_by_pos(), view))
+        return out
+
+    def reconstruct_all(self):
+        """All items as ``(keys, vectors)``: int64 (n,) ascending and the stored (index-space)
+        float32 vectors (n x index_dim), copied."""
+        parts = self.stored_vectors()
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.index_dim), dtype=np.float32)
+        keys = np.concatenate([p[0] for p in parts])
+        vecs = np.concatenate([p[1] for p in parts])
         order = np.argsort(keys, kind="stable")
         return keys[order], vecs[order]
 
+    def approximate_stats(self) -> dict:
+        """What the approximate part holds: kind, lists (ivf) or tombstones (hnsw)."""
+        out = {"kind": self.spec.kind}
+        if self.spec.kind == "ivf":
+            out["nlist_per_shard"] = [s.ann.nlist for s in self._shards]
+        elif self.spec.kind == "hnsw":
+            out["tombstones"] = sum(s.ann.tombstones for s in self._shards)
+        return out
+
+    # -- persistence
+    def save(self, folder) -> Path:
+        """Write the shards to the (new or empty) local folder ``folder``; returns it.
+        Raises FileExistsError when the folder holds files already."""
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} is not empty: save an index into a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [shard.save(folder, s) for s, shard in enumerate(self._shards)]
+        manifest = {"format": _FORMAT, "dim": self.dim, "index_dim": self.index_dim,
+                    "spec": self.spec.as_dict(), "space": self.space.describe(),
+                    "shard_sizes": self.shard_sizes(), "files": files}
+        (folder / "shards.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, folder) -> "ShardedGalleryIndex":
+        """Read an index written by :meth:`save` (no Spark needed). Raises FileNotFoundError
+        naming a missing file, ValueError for another format or shard sizes that disagree with
+        the manifest."""
+        folder = Path(folder)
+        manifest = json.loads(_existing(folder / "shards.json").read_text())
+        if manifest.get("format") != _FORMAT:
+            raise ValueError(f"{folder} holds index format {manifest.get('format')!r}, this "
+                             f"version reads {_FORMAT!r}")
+        index = cls(manifest["dim"], spec=IndexSpec(**manifest["spec"]),
+                    space=VectorSpace.from_description(manifest["space"]))
+        for shard, files in zip(index._shards, manifest["files"]):
+            shard.load(folder, files)
+        if index.shard_sizes() != manifest["shard_sizes"]:
+            raise ValueError(f"{folder}: shard sizes {index.shard_sizes()} differ from the "
+                             f"manifest's {manifest['shard_sizes']}")
+        return index
+
     def __repr__(self) -> str:
-        return f"ShardedGalleryIndex(dim={self.dim}, num_shards={self.num_shards}, ntotal={self.ntotal})"
+        return (f"ShardedGalleryIndex(dim={self.dim}, {self.spec.describe()}, "
+                f"space={self.space.distance}, ntotal={self.ntotal})")
 
 
-# ----------------------------------------------------------------------------- evaluation
-def _gallery_labels(gallery_key_labels):
-    """(keys, labels) arrays from a mapping / pandas Series (key -> label) or a (keys, labels) pair."""
+# ----------------------------------------------------------------------------- lookups
+def gallery_labels(gallery_key_labels):
+    """(keys, labels) arrays sorted by key from a mapping / pandas Series (key -> label) or a
+    (keys, labels) pair. Raises ValueError for another type, a length mismatch or duplicate
+    keys (naming them)."""
     if isinstance(gallery_key_labels, pd.Series):
         keys, labels = gallery_key_labels.index.to_numpy(), gallery_key_labels.to_numpy()
     elif isinstance(gallery_key_labels, Mapping):
@@ -371,108 +788,6 @@ def _gallery_labels(gallery_key_labels):
 def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Position of each of ``keys`` in ``sorted_keys``, -1 where absent."""
     if not len(sorted_keys):
-        return np.full(keys.shape, -1, dtype=np.int64)
+        return np.full(np.shape(keys), -1, dtype=np.int64)
     i = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return np.where(sorted_keys[i] == keys, i, -1)
-
-
-def evaluate_index(index: ShardedGalleryIndex, query_emb, query_labels, gallery_key_labels, *,
-                   query_keys=None, topk: Sequence[int] = (1, 5), block_size: int = 512) -> dict:
-    """mAP (full ranking) and CMC top-k of ``query_emb`` against everything in ``index``.
-
-    Args: ``index`` a :class:`ShardedGalleryIndex`; ``query_emb`` (nq x dim) numpy or torch;
-    ``query_labels`` (nq,) any hashable values (None/NaN = missing); ``gallery_key_labels`` the
-    label of every indexed key, as a mapping or pandas Series (key -> label) or a (keys, labels)
-    pair (extra keys are ignored); ``query_keys`` (nq,) int64 for leave-one-out (the query's own
-    key is dropped from its ranking); ``topk`` CMC cut-offs; ``block_size`` queries per search
-    (capped so one block ranks at most 2**21 entries). Each block is ranked by
-    ``index.search(q, index.ntotal)`` and scored by :func:`fastfill_udfs.metrics.ranked_metrics`,
-    with the definitions of :func:`fastfill_udfs.metrics.retrieval_metrics`.
-    Returns ``{"mAP", "top1", "top5", ..., "n_queries"}``. On CPU this takes several times as
-    long as ``retrieval_metrics`` (ranking by sort instead of a packed value sort); it is the
-    check that the index itself ranks right.
-    Raises ValueError on a dim mismatch, NaN/inf queries, length mismatches, bad
-    ``topk``/``block_size``, or indexed keys missing from ``gallery_key_labels`` (naming them).
-    """
-    if not isinstance(index, ShardedGalleryIndex):
-        raise ValueError(f"index must be a ShardedGalleryIndex, got {type(index).__name__}")
-    ks = _check_topk(topk)
-    block_size = _check_pos_int(block_size, "block_size")
-    q = _as_matrix(query_emb, index.dim, "query_emb")
-    nq = q.shape[0]
-    ql = _to_numpy(query_labels)
-    if ql.ndim != 1 or len(ql) != nq:
-        raise ValueError(f"query_labels must be 1-D with {nq} entries (query_emb rows), got shape {ql.shape}")
-    qk = None
-    if query_keys is not None:
-        qk = _as_keys(query_keys, "query_keys")
-        if len(qk) != nq:
-            raise ValueError(f"query_keys has {len(qk)} entries, query_emb has {nq} rows")
-
-    # label code of every indexed key (sorted), shared vocabulary with the queries
-    ikeys = index.keys()
-    gkeys, glabels = _gallery_labels(gallery_key_labels)
-    at = _lookup(gkeys, ikeys)
-    if np.any(at < 0):
-        raise ValueError(f"gallery_key_labels has no label for indexed keys {_first(ikeys[at < 0])}")
-    both = pd.Series(np.concatenate([ql.astype(object), glabels[at].astype(object)]), dtype=object)
-    codes, _ = pd.factorize(both, use_na_sentinel=True)
-    qlab = codes[:nq].astype(np.int64)             # -1: missing -> no relevant item
-    glab = codes[nq:].astype(np.int64)
-    glab[glab < 0] = -2                            # a missing gallery label matches nothing
-
-    counts = np.bincount(glab[glab >= 0], minlength=int(codes.max(initial=-1)) + 1)
-    n_rel = np.where(qlab >= 0, counts[np.maximum(qlab, 0)] if counts.size else 0, 0)
-    if qk is not None:                             # the query itself is not a relevant item
-        own = _lookup(ikeys, qk)
-        own_match = (own >= 0) & (glab[np.maximum(own, 0)] == qlab) if len(ikeys) else np.zeros(nq, bool)
-        n_rel = n_rel - own_match
-
-    n = index.ntotal
-    # label code by key: a dense table when keys are compact, else a sorted lookup
-    if len(ikeys) and ikeys[-1] < 4 * len(ikeys) + 1024:
-        table = np.full(int(ikeys[-1]) + 1, -2, dtype=np.int64)
-        table[ikeys] = glab
-
-        def label_of(k):
-            return table[k]
-    else:
-        def label_of(k):
-            return glab[_lookup(ikeys, k)]
-
-    step = max(1, min(block_size, _MAX_BLOCK_ELEMENTS // max(n, 1)))
-    total = {"mAP": 0.0, **{f"top{k}": 0.0 for k in ks}}
-    n_used = 0
-    for lo in range(0, nq, step):
-        hi = min(lo + step, nq)
-        nr = n_rel[lo:hi]
-        if not np.any(nr > 0):
-            continue
-        scores, keys = index.search(q[lo:hi], n)
-        valid = None
-        if qk is not None:                         # leave-one-out: drop the query's own key
-            valid = keys != qk[lo:hi, None]
-            n_own = (~valid).sum(axis=1)
-            if np.all(n_own == 1):                 # usual case: every query is in the gallery
-                scores = scores[valid].reshape(hi - lo, n - 1)
-                keys = keys[valid].reshape(hi - lo, n - 1)
-                valid = None
-            elif n_own.any():                      # own key to the end of the row, invalid
-                back = np.argsort(~valid, axis=1, kind="stable")
-                scores = np.take_along_axis(scores, back, axis=1)
-                keys = np.take_along_axis(keys, back, axis=1)
-                valid = np.take_along_axis(valid, back, axis=1)
-                scores[~valid] = -np.inf
-            else:
-                valid = None
-        match = label_of(keys) == qlab[lo:hi, None]
-        r = ranked_metrics(scores, match, nr, topk=ks, valid=valid)
-        del scores, keys, match, valid
-        if r["n_queries"]:
-            for name in total:
-                total[name] += r[name] * r["n_queries"]
-            n_used += r["n_queries"]
-    out = {name: (v / n_used if n_used else float("nan")) for name, v in total.items()}
-    out["n_queries"] = int(n_used)
-    return out
-

@@ -1,4 +1,5 @@
-"""ShardedGalleryIndex (build / upsert / search) and evaluate_index against the exact metrics."""
+"""ShardedGalleryIndex: build / upsert / search (exact and approximate), the vector space hook,
+save / load."""
 from __future__ import annotations
 
 import faiss
@@ -6,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fastfill_udfs.faiss_index import ShardedGalleryIndex, evaluate_index
-from fastfill_udfs.metrics import retrieval_metrics
+from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, VectorSpace
 
 DIM = 16
 
@@ -188,98 +188,132 @@ def test_validation_names_dim_keys_and_arguments():
     np.testing.assert_array_equal(index.keys(), np.arange(5))
 
 
-def test_evaluate_index_validation():
-    index = ShardedGalleryIndex(DIM).build(np.arange(6), np.random.default_rng(0).normal(size=(6, DIM)))
-    q = np.ones((2, DIM))
-    with pytest.raises(ValueError, match=r"no label for indexed keys \[4, 5\]"):
-        evaluate_index(index, q, [0, 1], {0: 0, 1: 0, 2: 1, 3: 1})
-    with pytest.raises(ValueError, match=rf"query_emb: expected dim {DIM} .*got 4"):
-        evaluate_index(index, np.ones((2, 4)), [0, 1], (np.arange(6), np.zeros(6)))
-    with pytest.raises(ValueError, match="query_labels"):
-        evaluate_index(index, q, [0], (np.arange(6), np.zeros(6)))
-    with pytest.raises(ValueError, match="query_keys has 3 entries"):
-        evaluate_index(index, q, [0, 1], (np.arange(6), np.zeros(6)), query_keys=[0, 1, 2])
-    with pytest.raises(ValueError, match="topk"):
-        evaluate_index(index, q, [0, 1], (np.arange(6), np.zeros(6)), topk=(0,))
-    with pytest.raises(ValueError, match="block_size"):
-        evaluate_index(index, q, [0, 1], (np.arange(6), np.zeros(6)), block_size=0)
+# ----------------------------------------------------------------------------- approximate kinds
+EXHAUSTIVE = {"ivf": dict(nlist=4, nprobe=4), "hnsw": dict(m=16, ef_search=400)}
 
 
-# ----------------------------------------------------------------------------- evaluation
-def _tied_gallery(n, dim, seed):
-    """Rounded vectors drawn with repetition (exact duplicates) and copies rescaled by powers of two (exact): many ties."""
-    rng = np.random.default_rng(seed)
-    pool = np.round(rng.normal(size=(n // 4, dim)), 1)
-    x = pool[rng.integers(0, len(pool), n)] * rng.choice([1.0, 2.0, 0.5, 4.0], size=(n, 1))
-    labels = rng.integers(0, 12, n).astype(object)
-    labels[rng.choice(n, size=n // 50, replace=False)] = None     # some missing labels
-    return x, labels
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_follows_upserts_and_equals_exact_when_exhaustive(kind):
+    """After builds and upserts (present and new keys) an exhaustive approximate search (all
+    lists probed / a wide beam) returns what the exact flat stores return, and the flat stores
+    stay the ground truth (exact=True)."""
+    keys, x = _data(400)
+    rng = np.random.default_rng(11)
+    spec = IndexSpec(kind=kind, num_shards=2, **EXHAUSTIVE[kind])
+    index = ShardedGalleryIndex(DIM, spec=spec).build(keys[:300], x[:300])
+    changed = rng.choice(300, size=80, replace=False)
+    y = rng.normal(size=(80, DIM))
+    index.upsert(keys[changed], y)                                 # replace
+    index.upsert(keys[300:], x[300:])                              # append
+    ref = ShardedGalleryIndex(DIM, num_shards=2).build(
+        keys, np.concatenate([np.where(np.isin(np.arange(300), changed)[:, None],
+                                       _replace(x[:300], changed, y), x[:300]), x[300:]]))
+    q = rng.normal(size=(30, DIM))
+    s_ref, k_ref = ref.search(q, 10)
+    s_app, k_app = index.search(q, 10)                            # approximate by default
+    s_ex, k_ex = index.search(q, 10, exact=True)
+    np.testing.assert_array_equal(k_ex, k_ref)
+    np.testing.assert_array_equal(k_app, k_ref)
+    np.testing.assert_allclose(s_app, s_ref, atol=1e-5)
+    assert index.ntotal == 400 and len(np.unique(index.keys())) == 400
+    stats = index.approximate_stats()
+    if kind == "hnsw":                                             # replaced nodes stay as tombstones
+        assert stats["tombstones"] == 80
+    else:
+        assert all(n >= 1 for n in stats["nlist_per_shard"])
 
 
-def _assert_same(got, ref):
-    assert got["n_queries"] == ref["n_queries"]
-    for name in ref:
-        assert got[name] == pytest.approx(ref[name], abs=1e-6), (name, got, ref)
+def _replace(x, rows, y):
+    out = x.copy()
+    out[rows] = y
+    return out
 
 
-@pytest.mark.parametrize("num_shards", [1, 4])
-def test_evaluate_index_equals_retrieval_metrics_leave_one_out_with_ties(num_shards):
-    n = 900
-    x, labels = _tied_gallery(n, 12, seed=5)
-    keys = np.random.default_rng(6).permutation(n).astype(np.int64) * 3 + 1   # sparse-ish keys
-    index = ShardedGalleryIndex(12, num_shards=num_shards).build(keys, x)
-    gallery = dict(zip(keys.tolist(), labels))
-    ref = retrieval_metrics(x, labels, x, labels, query_ids=keys, gallery_ids=keys, topk=(1, 5, 10))
-    got = evaluate_index(index, x, labels, gallery, query_keys=keys, topk=(1, 5, 10), block_size=128)
-    _assert_same(got, ref)
-    assert 0 < got["n_queries"] < n                               # missing labels left out
-    # the ties are real: many queries have duplicates of themselves in the gallery
-    s, _ = index.search(x[:50], 3)
-    assert np.mean(s[:, 1] == s[:, 2]) > 0.2
+def test_flat_index_has_no_approximate_search():
+    keys, x = _data(20)
+    index = ShardedGalleryIndex(DIM, num_shards=2).build(keys, x)
+    with pytest.raises(ValueError, match="flat"):
+        index.search(x[:2], 3, exact=False)
 
 
-def test_evaluate_index_equals_retrieval_metrics_no_loo_and_foreign_queries():
-    rng = np.random.default_rng(7)
-    xg, lg = _tied_gallery(700, 8, seed=8)
-    xq = np.concatenate([xg[:100], np.round(rng.normal(size=(150, 8)), 1)])  # in and out of gallery
-    lq = np.concatenate([lg[:100], rng.integers(0, 14, 150).astype(object)])  # labels 12,13: no match
-    keys = np.arange(700, dtype=np.int64)
-    index = ShardedGalleryIndex(8, num_shards=3).build(keys, xg)
-    series = pd.Series(lg, index=keys)
+def test_index_spec_names_the_config_keys():
+    for bad, key in ((dict(kind="annoy"), "evaluation.index"), (dict(num_shards=0), "num_shards"),
+                     (dict(nprobe=0), "evaluation.ivf.nprobe"), (dict(m=1), "evaluation.hnsw.m"),
+                     (dict(ef_search=True), "evaluation.hnsw.ef_search")):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            IndexSpec(**bad)
+    from fastfill_udfs.config import load_config
 
-    ref = retrieval_metrics(xq, lq, xg, lg)
-    got = evaluate_index(index, xq, lq, series, block_size=64)
-    _assert_same(got, ref)
-
-    # leave-one-out where only the first 100 queries are gallery items (others: unknown keys)
-    qk = np.concatenate([keys[:100], np.arange(10_000, 10_150)])
-    ref = retrieval_metrics(xq, lq, xg, lg, query_ids=qk, gallery_ids=keys)
-    got = evaluate_index(index, xq, lq, (keys, lg), query_keys=qk, block_size=1000)
-    _assert_same(got, ref)
+    cfg = load_config([], ["evaluation.index=hnsw", "evaluation.hnsw.m=8", "evaluation.num_shards=3"])
+    spec = IndexSpec.from_config(cfg)
+    assert (spec.kind, spec.m, spec.num_shards) == ("hnsw", 8, 3) and spec.approximate
+    assert "hnsw" in spec.describe()
+    with pytest.raises(ValueError, match="evaluation.distance"):
+        VectorSpace("manhattan")
 
 
-def test_evaluate_index_after_backfill_upsert_matches_mixed_gallery():
-    """A backfill batch through upsert evaluates like the exact metrics on the mixed gallery."""
-    rng = np.random.default_rng(9)
-    n = 800
-    old = rng.normal(size=(n, DIM))
-    new = old + 0.8 * rng.normal(size=(n, DIM))
-    labels = rng.integers(0, 10, n)
-    keys = np.arange(n, dtype=np.int64)
-    index = ShardedGalleryIndex(DIM, num_shards=4).build(keys, old)
-    batch = rng.choice(n, size=200, replace=False)
-    index.upsert(keys[batch], new[batch])
-    mixed = old.copy()
-    mixed[batch] = new[batch]
-    ref = retrieval_metrics(new, labels, mixed, labels, query_ids=keys, gallery_ids=keys)
-    got = evaluate_index(index, new, labels, (keys, labels), query_keys=keys)
-    _assert_same(got, ref)
+class _CalibratedSpace(VectorSpace):
+    """What issue 10's calibration looks like through the hook: transformed rows scaled and one
+    constant coordinate appended (queries get the matching one)."""
+
+    def index_dim(self, dim):
+        return dim + 1
+
+    def index_vectors(self, embeddings, source=None):
+        x = super().index_vectors(embeddings)
+        scale = np.where(np.asarray(source) == "transformed", 0.5, 1.0)[:, None]
+        return np.ascontiguousarray(np.hstack([x * scale, np.full((len(x), 1), 0.1)]),
+                                    dtype=np.float32)
+
+    def query_vectors(self, queries):
+        q = super().query_vectors(queries)
+        return np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1))]), dtype=np.float32)
 
 
-def test_evaluate_index_empty_and_all_missing():
-    index = ShardedGalleryIndex(4)
-    got = evaluate_index(index, np.ones((3, 4)), [1, 2, 3], {})
-    assert got["n_queries"] == 0 and np.isnan(got["mAP"])
-    index.build([0, 1], np.eye(2, 4))
-    got = evaluate_index(index, np.ones((2, 4)), [None, 5], {0: 1, 1: 2})
-    assert got["n_queries"] == 0 and np.isnan(got["top1"])
+def test_vector_space_is_the_one_place_vectors_pass_through():
+    """A space that calibrates transformed rows changes what faiss stores and ranks, with no
+    change to the index: sources reach it on build and upsert."""
+    keys, x = _data(50)
+    sources = np.where(np.arange(50) < 25, "transformed", "new").astype(object)
+    index = ShardedGalleryIndex(DIM, num_shards=2, space=_CalibratedSpace())
+    index.build(keys, x, sources=sources)
+    assert index.index_dim == DIM + 1
+    _, stored = index.reconstruct_all()
+    order = np.argsort(keys)
+    np.testing.assert_allclose(stored[:, -1], 0.1, rtol=1e-6)
+    norms = np.linalg.norm(stored[:, :-1], axis=1)
+    np.testing.assert_allclose(norms, np.where(sources[order] == "transformed", 0.5, 1.0),
+                               rtol=1e-5)
+    q = np.random.default_rng(5).normal(size=(4, DIM))
+    scores, got = index.search(q, 50)
+    expect = _unit(q).astype(np.float64) @ stored[:, :-1].T.astype(np.float64) + 0.1
+    np.testing.assert_array_equal(got[:, :5], keys[order][np.argsort(-expect, axis=1)[:, :5]])
+    index.upsert(keys[:3], x[:3], sources=np.array(["new"] * 3, dtype=object))
+    assert np.allclose(np.linalg.norm(index.reconstruct_all()[1][np.searchsorted(
+        np.sort(keys), keys[:3])][:, :-1], axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="sources has shape"):
+        index.upsert(keys[:3], x[:3], sources=["new"])
+
+
+# ----------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_save_and_load_give_the_same_index(tmp_path, kind):
+    keys, x = _data(300)
+    index = ShardedGalleryIndex(DIM, spec=IndexSpec(kind=kind, num_shards=3)).build(keys, x)
+    index.upsert(keys[:40], x[:40] + 1.0)                         # tombstones for hnsw
+    folder = index.save(tmp_path / "idx")
+    back = ShardedGalleryIndex.load(folder)
+    assert back.spec == index.spec and back.space == index.space
+    assert back.shard_sizes() == index.shard_sizes()
+    q = np.random.default_rng(1).normal(size=(20, DIM))
+    for exact in ((True, None) if kind != "flat" else (None,)):
+        np.testing.assert_array_equal(back.search(q, 7, exact=exact)[1],
+                                      index.search(q, 7, exact=exact)[1])
+    back.upsert(keys[40:60], x[40:60] * 2)                        # the lookup is rebuilt
+    index.upsert(keys[40:60], x[40:60] * 2)
+    np.testing.assert_array_equal(back.reconstruct_all()[1], index.reconstruct_all()[1])
+    with pytest.raises(FileExistsError):
+        index.save(folder)
+    (folder / "shard_1.flat.faiss").unlink()
+    with pytest.raises(FileNotFoundError, match="shard_1.flat.faiss"):
+        ShardedGalleryIndex.load(folder)

@@ -188,8 +188,10 @@ def test_rank_udf_matches_in_process_transform_and_batching(spark, e2e_run):
 def test_logged_metrics_recompute_from_delta_time_travel(spark, e2e_run):
     """Each logged step is reproducible from gallery_features as of the version the log
     recorded: exactly (1e-9) once the gallery vectors are L2-normalised in float32 as the
-    evaluator's faiss shards store them, and to the design's 1e-6 from the raw float32 vectors
-    with a float64 normalisation (near-ties ~1e-7 apart may order differently)."""
+    evaluator's faiss shards store them (the evaluation searches the shards and certifies its
+    mAP within evaluation.ap_tolerance of float64), and to the design's 1e-6 from the raw
+    float32 vectors with a float64 normalisation (near-ties ~1e-7 apart may order
+    differently)."""
     import faiss
 
     from fastfill_udfs.metrics import retrieval_metrics
@@ -227,6 +229,32 @@ def test_logged_metrics_recompute_from_delta_time_travel(spark, e2e_run):
             sub = retrieval_metrics(q_emb[footwear], q_lab[footwear], g_emb, g_lab,
                                     query_ids=q_ids[footwear], gallery_ids=g_ids, topk=(1, 5))
             assert curve["mAP_footwear"][step] == pytest.approx(sub["mAP"], abs=tol), (step, tol)
+
+
+def test_evaluation_steps_incremental_equal_full_builds_and_reconcile(spark, e2e_run):
+    """A step evaluated after its predecessor (shards updated with the batch's rows, read from
+    its MERGE commit) gives the same metrics as the step evaluated alone (shards built from the
+    table at that version); a count of new items that disagrees with the log stops the step."""
+    from fastfill_udfs.spark.evaluate import RunEvaluator, run_log
+    from fastfill_udfs.spark.validation import ReconciliationError
+
+    cfg, run = e2e_run["cfg"], e2e_run["run"]
+    log = run_log(spark, cfg, run)
+    chained = RunEvaluator(spark, cfg, run)
+    for row in log.itertuples():
+        step = chained.evaluate_step(int(row.batch_id), int(row.table_version),
+                                     int(row.n_backfilled))
+        alone = RunEvaluator(spark, cfg, run, queries=chained.queries).evaluate_step(
+            int(row.batch_id), int(row.table_version), int(row.n_backfilled))
+        assert step == pytest.approx(alone, abs=1e-12), row.batch_id
+        assert chained.index.ntotal == N_GALLERY
+    served = chained.servable()
+    assert served.info["batch_id"] == N_BATCHES and set(served.items["source"]) == {"new"}
+    last = log.iloc[-1]
+    with pytest.raises(ReconciliationError, match=rf"holds {N_GALLERY} new items, "
+                                                  rf"backfill_log says {N_GALLERY - 1}"):
+        RunEvaluator(spark, cfg, run, queries=chained.queries).evaluate_step(
+            int(last["batch_id"]), int(last["table_version"]), N_GALLERY - 1)
 
 
 def test_subgroup_gap_and_shortfall_are_logged_per_step(e2e_run):
