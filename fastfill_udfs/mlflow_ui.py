@@ -182,6 +182,10 @@ class Page:
         return bool(self.evaluate(script))
 
     def screenshot(self, path: str | Path) -> Path:
+        """Save the visible page as PNG (the pointer moved off the charts first, so no
+        hover toolbars or tooltips show)."""
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=2, y=2)
+        time.sleep(0.5)
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,3 +245,119 @@ def chromium_page(width: int = 1600, height: int = 1000,
         _stop(proc)
         loop.close()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+# --- the three views the README shows ------------------------------------------------------
+
+QUIET_UI = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true'); 1")
+
+
+def _expand_chart(page: Page, metric: str) -> bool:
+    """Open chart `metric` of the chart view full screen (its card's first button)."""
+    return bool(page.evaluate(
+        "(() => { const cards = [...document.querySelectorAll("
+        "'[data-testid=experiment-view-compare-runs-card]')]; const card = cards.find(c => "
+        "(c.innerText || '').trim().split('\\n')[0].trim() === %s); if (!card) return false;"
+        " const b = card.querySelector('button'); if (!b) return false; b.click(); return true;"
+        " })()" % json.dumps(metric)))
+
+
+def _hide_banner(page: Page) -> None:
+    page.evaluate("(() => { const b = document.querySelector('button[aria-label=\"Hide banner\"]');"
+                  " if (b) b.click(); return 1; })()")
+
+
+def backfill_runs_for_screenshots(client, exp_id: str) -> list:
+    """The experiment's backfill runs of the latest ranking per run, newest first."""
+    from fastfill_udfs.tracking import KIND_TAG, RUN_TAG
+
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'backfill'",
+                              order_by=["attributes.start_time DESC"])
+    latest = {}
+    for r in runs:
+        latest.setdefault(r.data.tags.get(RUN_TAG), r)
+    return list(latest.values())
+
+
+def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str = "fastfill",
+                        run_name: str | None = None, prefix: str = "mlflow_",
+                        width: int = 1500, height: int = 900, timeout: float = 120.0) -> dict:
+    """Start `mlflow server` on `store_uri`, open it in headless Chromium and save:
+    `<prefix>runs.png` (the experiment's run list: the backfill runs with policy, model,
+    AUCs and status), `<prefix>mAP_chart.png` (the mAP-against-step chart of every backfill
+    run), `<prefix>curves.png` (the "Backfill curves" view: mAP, top1, top5,
+    backfill_fraction first) and `<prefix>curve_artifact.png` (the `curve.png` artifact of the
+    run `run_name`, default: the newest uncertainty run). Refreshes the experiment's "Backfill
+    curves" view first. Returns {name: path}, plus `texts` (each page's visible text). Raises
+    ValueError when the experiment or its backfill runs are missing, BrowserUnavailableError
+    without Chromium, TimeoutError when a page never shows its runs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from fastfill_udfs.tracking import BACKFILL_VIEW, experiment_url, publish_backfill_view
+
+    out_dir = Path(out_dir)
+    previous = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow.set_tracking_uri(store_uri)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if previous is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+    client = MlflowClient(tracking_uri=store_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"experiment {experiment!r} is not in {store_uri}")
+    runs = backfill_runs_for_screenshots(client, exp.experiment_id)
+    if not runs:
+        raise ValueError(f"experiment {experiment!r} in {store_uri} has no backfill runs")
+    names = [r.info.run_name for r in runs]
+    if run_name:
+        chosen = [r for r in runs if r.data.tags.get("fastfill.run") == run_name
+                  or r.info.run_name == run_name]
+        if not chosen:
+            raise ValueError(f"run_name {run_name!r} is none of {names}")
+    else:
+        chosen = sorted(runs, key=lambda r: r.data.tags.get("fastfill.policy") != "uncertainty")
+    run = chosen[0]
+    publish_backfill_view(exp.experiment_id)
+    shots, texts = {}, {}
+    with mlflow_server(store_uri, timeout=timeout) as url, \
+            chromium_page(width=width, height=height) as page:
+        page.goto(url)
+        page.wait_for_text("Experiments", timeout=timeout, settle=0.5)
+        page.evaluate(QUIET_UI)
+        page.call("Page.reload")   # the assistant panel reads its setting when the app starts
+        page.wait_for_text("Experiments", timeout=timeout, settle=0.5)
+        list_url = (experiment_url(url, exp.experiment_id)
+                    + f"&viewStateShareKey={BACKFILL_VIEW}")
+        page.goto(list_url)
+        texts["runs"] = page.wait_for_text(*names, "mAP_auc", timeout=timeout)
+        _hide_banner(page)
+        time.sleep(1)
+        shots["runs"] = page.screenshot(out_dir / f"{prefix}runs.png")
+
+        page.goto(url + "/#/")   # a fresh route, so the chart view loads the view again
+        page.goto(experiment_url(url, exp.experiment_id, view=BACKFILL_VIEW))
+        texts["curves"] = page.wait_for_text(*names, "Backfill curves", "mAP", "top1",
+                                             timeout=timeout, settle=3.0)
+        _hide_banner(page)
+        time.sleep(1)
+        shots["curves"] = page.screenshot(out_dir / f"{prefix}curves.png")
+        if not _expand_chart(page, "mAP"):
+            raise TimeoutError("the chart view has no mAP chart to expand:\n"
+                               + page.text()[:2000])
+        time.sleep(3)
+        texts["mAP_chart"] = page.text()
+        shots["mAP_chart"] = page.screenshot(out_dir / f"{prefix}mAP_chart.png")
+
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+                  f"/artifacts/curve.png?workflowType=machine_learning")
+        texts["curve_artifact"] = page.wait_for_text("curve.png", run.info.run_name,
+                                                     timeout=timeout, settle=2.0)
+        loaded = page.evaluate("[...document.querySelectorAll('img')].some(i => "
+                               "i.naturalWidth > 200)")
+        if not loaded:
+            time.sleep(5)
+        shots["curve_artifact"] = page.screenshot(out_dir / f"{prefix}curve_artifact.png")
+    shots["texts"] = texts
+    return shots
