@@ -214,3 +214,24 @@ def test_backfill_view_puts_the_curves_first_and_decodes_as_the_ui_does():
     assert envelope["name"] == "Backfill curves" and envelope["state"].startswith("deflate;")
     packed = base64.b64decode(envelope["state"][len("deflate;"):])
     assert json.loads(zlib.decompress(packed)) == state
+
+
+def test_a_status_this_process_cannot_set_is_set_from_a_fresh_one(tmp_path, no_user_uri,
+                                                                   monkeypatch):
+    """After a signal, this process's clients may be unusable: the status still gets set."""
+    from fastfill_udfs import tracking
+    from fastfill_udfs.spark.run_status import BackfillRunStatus
+
+    cfg = _config(tmp_path, "fresh.db")
+    run_id = tracking.backfill_mlflow_run(cfg, "f_random", "random", {}, ranking="1")
+    tracking.open_backfill_run(run_id, "host:7:g")
+
+    def broken(*args, **kwargs):
+        raise KeyError("c")   # what a py4j connection out of step gave MLflow's client
+
+    monkeypatch.setattr(tracking, "close_backfill_run", broken)
+    status = BackfillRunStatus(None, cfg, "f_random", "host:7:g")
+    status.mlflow_run_id = run_id
+    status.close("KILLED", "the job was stopped: terminated by SIGTERM")
+    state, tags = _status(run_id)
+    assert state == "KILLED" and tags["fastfill.state"].endswith("terminated by SIGTERM")

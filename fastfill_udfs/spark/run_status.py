@@ -92,12 +92,24 @@ class BackfillRunStatus:
             self.track(found.info.run_id)
 
     def close(self, status: str, note: str) -> None:
+        """Set the MLflow status; when that fails here (a signal that landed in the middle of
+        a library call can leave this process's clients unusable), a fresh Python process
+        sets it."""
+        import mlflow
+
         from fastfill_udfs.tracking import close_backfill_run
 
         if self.mlflow_run_id is None:
             return
         try:
             close_backfill_run(self.mlflow_run_id, self.job, status, note)
+            return
+        except Exception as exc:
+            log.warning("MLflow run %s: could not set %s here (%s: %s); trying a fresh process",
+                        self.mlflow_run_id, status, type(exc).__name__, exc)
+        try:
+            _close_in_fresh_process(mlflow.get_tracking_uri(), self.mlflow_run_id, self.job,
+                                    status, note)
         except Exception as exc:  # never hide the job's own outcome behind the status's
             log.warning("MLflow run %s: could not set %s: %s", self.mlflow_run_id, status, exc)
 
@@ -121,6 +133,44 @@ class BackfillRunStatus:
             log.warning("could not save the 'Backfill curves' view: %s", exc)
 
 
+def _close_in_fresh_process(uri: str, run_id: str, job: str, status: str, note: str) -> None:
+    """`tracking.close_backfill_run` in a new interpreter (raises RuntimeError with its
+    output when it fails)."""
+    import os
+    import subprocess
+    import sys
+
+    from fastfill_udfs.config import PROJECT_ROOT
+
+    code = ("import sys, mlflow\n"
+            "from fastfill_udfs.tracking import close_backfill_run\n"
+            "mlflow.set_tracking_uri(sys.argv[1])\n"
+            "close_backfill_run(*sys.argv[2:6])\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH"))
+                                        if p)
+    proc = subprocess.run([sys.executable, "-c", code, uri, run_id, job, status, note],
+                          capture_output=True, text=True, timeout=120, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+
+
+def _resync_spark(spark: SparkSession) -> None:
+    """After a signal interrupted a call into the JVM, that call's answer is still on this
+    thread's py4j connection and would be read as the next call's (MLflow's client asks the
+    session for its registry URI, the lease's release runs a Delta delete): drop the
+    connection (the next call opens a new one) and cancel the Spark jobs the interrupted call
+    started."""
+    try:
+        client = spark.sparkContext._gateway._gateway_client
+        connection = getattr(client, "get_thread_connection", lambda: None)()
+        if connection is not None:
+            connection.close()
+        spark.sparkContext.cancelAllJobs()
+    except Exception as exc:  # the JVM may be going down as well
+        log.warning("could not reset the connection to Spark after the signal: %s", exc)
+
+
 @contextmanager
 def backfill_run_status(spark: SparkSession, cfg: Config, run: str,
                         job: str) -> Iterator[BackfillRunStatus]:
@@ -135,6 +185,7 @@ def backfill_run_status(spark: SparkSession, cfg: Config, run: str,
             yield status
         except (KeyboardInterrupt, JobTerminated) as exc:
             what = exc if isinstance(exc, JobTerminated) else "interrupted (SIGINT)"
+            _resync_spark(spark)   # first: even MLflow's client asks the Spark session
             status.close(KILLED, f"the job was stopped: {what}; rerun to continue")
             raise
         except refusal_errors() as exc:
