@@ -32,5 +32,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "scikit-learn>=1.5"],
         "bench": ["psutil>=5.9"],
+        # the Databricks bundle's typed schema (tests/test_bundle.py loads databricks.yml in it)
+        "databricks": ["databricks-bundles>=1.22,<2"],
     },
 )

@@ -29,7 +29,7 @@ def setup_logging() -> None:
 EXIT_CONFIG, EXIT_REFUSED, EXIT_BUSY = 2, 4, 3
 
 
-def _refusals() -> tuple[type, ...]:
+def refusal_errors() -> tuple[type, ...]:
     """Errors that refuse a job on purpose, before it changes anything: their message says
     what is wrong and what to do, so the job prints it and exits without a traceback."""
     from fastfill_udfs.model_loading import ModelNotFoundError
@@ -43,8 +43,9 @@ def _refusals() -> tuple[type, ...]:
 def run_job(parser: argparse.ArgumentParser, job: Callable[[Config, argparse.Namespace], object],
             argv: Sequence[str] | None = None) -> int:
     """Parse args, load config and run `job(cfg, args)`. Exit codes: 0 done, 2 config error,
-    3 another job holds the run, 4 refused (stale plan, other model, missing model or table);
-    each with its message on stderr. Other errors propagate (traceback, exit 1)."""
+    3 another job holds the run, 4 refused (stale plan, other model, missing model or table),
+    143 stopped by SIGTERM; each with its message on stderr. Other errors propagate
+    (traceback, exit 1)."""
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -53,13 +54,17 @@ def run_job(parser: argparse.ArgumentParser, job: Callable[[Config, argparse.Nam
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     from fastfill_udfs.spark.lease import RunBusyError
+    from fastfill_udfs.spark.run_status import JobTerminated
 
     try:
         job(cfg, args)
     except RunBusyError as exc:
         print(f"busy: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    except _refusals() as exc:
+    except refusal_errors() as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except JobTerminated as exc:  # SIGTERM: the run's MLflow status says KILLED
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     return 0

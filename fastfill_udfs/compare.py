@@ -1,77 +1,205 @@
 """Compare backfill runs tracked in MLflow: a table (policy, AUCs, first and final mAP) and one
-plot overlaying their curves (overall and, when logged, per subgroup)."""
+plot overlaying their curves (overall and, when logged, per subgroup).
+
+Only rankings that are current in Delta are compared: an MLflow run whose backfill run was
+ranked again since, or whose tables are gone, is left out and named with the reason. Runs can be
+selected with an MLflow search filter, e.g. "tags.fastfill.policy = 'uncertainty'". A NaN
+metric is reported (in the table and in `nan_metrics`), never dropped."""
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from fastfill_udfs.config import Config
 from fastfill_udfs.subgroups import subgroup_report
-from fastfill_udfs.tracking import RUN_TAG, configure_mlflow
+from fastfill_udfs.tracking import KIND_TAG, RANKING_TAG, RUN_TAG, configure_mlflow
 
 log = logging.getLogger(__name__)
+RUN_COLUMNS = ["run", "policy", "mlflow_run_id", "status", "ranking", "log_table", "mAP_auc",
+               "top1_auc"]
 
 
-def find_runs(cfg: Config, run_prefix: str | None = None) -> pd.DataFrame:
-    """Backfill runs of the configured experiment (optionally only runs named `<prefix>_*`),
-    one row each (the latest ranking's): run, policy, mlflow_run_id, mAP_auc, top1_auc."""
+def backfill_filter(filter_string: str | None = None) -> str:
+    """The MLflow search filter for backfill runs, narrowed by the user's `filter_string`
+    (MLflow syntax, clauses joined by `and`; e.g. "tags.fastfill.policy = 'uncertainty'")."""
+    base = f"tags.`{KIND_TAG}` = 'backfill'"
+    extra = (filter_string or "").strip()
+    return f"{base} and {extra}" if extra else base
+
+
+def backfill_runs(cfg: Config, run_prefix: str | None = None,
+                  filter_string: str | None = None) -> pd.DataFrame:
+    """Every MLflow run of a backfill run in the configured experiment (all rankings, oldest
+    first), optionally only runs named `<prefix>_*` and matching `filter_string`; columns
+    RUN_COLUMNS. Raises ValueError naming the filter when MLflow rejects it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     exp_id = configure_mlflow(cfg)
-    runs = mlflow.search_runs([exp_id], filter_string="tags.`fastfill.kind` = 'backfill'",
-                              order_by=["attributes.start_time ASC"])
+    try:
+        runs = mlflow.search_runs([exp_id], filter_string=backfill_filter(filter_string),
+                                  order_by=["attributes.start_time ASC"])
+    except MlflowException as exc:
+        raise ValueError(f"MLflow search filter {filter_string!r} is invalid: "
+                         f"{exc.message}") from None
     if runs.empty:
-        return pd.DataFrame(columns=["run", "policy", "mlflow_run_id", "mAP_auc", "top1_auc"])
+        return pd.DataFrame(columns=RUN_COLUMNS)
+
+    def column(name):
+        return runs[name] if name in runs else pd.Series([None] * len(runs), index=runs.index)
+
     out = pd.DataFrame({
-        "run": runs[f"tags.{RUN_TAG}"], "policy": runs["tags.fastfill.policy"],
-        "mlflow_run_id": runs["run_id"],
-        "mAP_auc": runs.get("metrics.mAP_auc"), "top1_auc": runs.get("metrics.top1_auc"),
+        "run": column(f"tags.{RUN_TAG}"), "policy": column("tags.fastfill.policy"),
+        "mlflow_run_id": runs["run_id"], "status": column("status"),
+        "ranking": column(f"tags.{RANKING_TAG}"), "log_table": column("params.log_table"),
+        "mAP_auc": column("metrics.mAP_auc"), "top1_auc": column("metrics.top1_auc"),
     })
     if run_prefix:
         out = out[out["run"].str.startswith(f"{run_prefix}_")]
+    return out.reset_index(drop=True)
+
+
+def find_runs(cfg: Config, run_prefix: str | None = None,
+              filter_string: str | None = None) -> pd.DataFrame:
+    """Backfill runs of the configured experiment, one row each (the latest ranking's):
+    run, policy, mlflow_run_id, status, ranking, log_table, mAP_auc, top1_auc."""
+    runs = backfill_runs(cfg, run_prefix, filter_string)
     # a re-ranked run has an MLflow run per ranking: the latest stands for it
-    return out.drop_duplicates("run", keep="last").reset_index(drop=True)
+    return runs.drop_duplicates("run", keep="last").reset_index(drop=True)
 
 
-def run_curves(mlflow_run_id: str, keys: list[str] | None = None) -> pd.DataFrame:
-    """All logged per-step metrics of one run as a wide table indexed by step."""
+def delta_ranking(spark, log_table: str) -> str | None:
+    """The ranking recorded in a run's backfill_log (when its batch 0 started, microseconds
+    since the epoch, as `evaluate.ranking_id`), or None when the table or batch 0 is gone."""
+    from pyspark.sql import functions as F
+
+    from fastfill_udfs.spark.delta_io import is_delta_table, read_table
+
+    if not is_delta_table(spark, log_table):
+        return None
+    row = (read_table(spark, log_table).where("batch_id = 0")
+           .select(F.unix_micros("started_at").alias("started_at")).first())
+    return None if row is None else str(row["started_at"])
+
+
+def current_runs(runs: pd.DataFrame, cfg: Config, spark=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split MLflow backfill runs into (current, left_out): a run is current when its ranking
+    (tag fastfill.ranking) is the one its Delta backfill_log holds now (param log_table, else
+    the configured warehouse's). left_out has run, mlflow_run_id and reason."""
+    from fastfill_udfs.spark.delta_io import table_paths
+    from fastfill_udfs.spark.session import get_spark
+
+    if runs.empty:
+        return runs, pd.DataFrame(columns=["run", "mlflow_run_id", "reason"])
+    spark = spark or get_spark(cfg["spark"])
+    keep, left, rankings = [], [], {}
+    for r in runs.itertuples():
+        path = r.log_table if isinstance(r.log_table, str) and r.log_table else \
+            table_paths(cfg, r.run).backfill_log
+        if path not in rankings:
+            rankings[path] = delta_ranking(spark, path)
+        now = rankings[path]
+        if now is None:
+            left.append((r.run, r.mlflow_run_id, f"its tables are gone (no ranked backfill_log "
+                                                 f"at {path})"))
+        elif str(r.ranking) != now:
+            left.append((r.run, r.mlflow_run_id, f"re-ranked since: this MLflow run belongs to "
+                                                 f"ranking {r.ranking}, {path} holds {now}"))
+        else:
+            keep.append(r.Index)
+    current = runs.loc[keep].drop_duplicates("run", keep="last").reset_index(drop=True)
+    dup = runs.loc[keep].index.difference(runs.loc[keep].drop_duplicates("run", keep="last").index)
+    left += [(runs.at[i, "run"], runs.at[i, "mlflow_run_id"],
+              "an older MLflow run of the same ranking") for i in dup]
+    return current, pd.DataFrame(left, columns=["run", "mlflow_run_id", "reason"])
+
+
+def _histories(mlflow_run_id: str, keys: list[str] | None = None
+               ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """(per-step histories of the curve metrics, the run's logged final AUCs)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     run = client.get_run(mlflow_run_id)
     keys = keys or [k for k in run.data.metrics if not k.endswith("_auc")
                     and not k.startswith("new_new_")]
-    cols = {k: pd.Series({m.step: m.value for m in client.get_metric_history(mlflow_run_id, k)})
-            for k in keys}
-    return pd.DataFrame(cols).sort_index()
+    finals = {k: v for k, v in run.data.metrics.items() if k.endswith("_auc")}
+    return ({k: {m.step: m.value for m in client.get_metric_history(mlflow_run_id, k)}
+             for k in keys}, finals)
 
 
-def compare_runs(cfg: Config, run_prefix: str | None = None,
-                 out_dir: str | Path | None = None) -> tuple[pd.DataFrame, Path | None]:
-    """Tabulate and plot the backfill runs; writes comparison.csv/.md/.png into `out_dir`
-    (default <paths.outputs>/compare). Returns (table, plot path or None when no runs)."""
+def _wide(histories: dict[str, dict[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame({k: pd.Series(h, dtype="float64") for k, h in histories.items()}
+                        ).sort_index()
+
+
+def run_curves(mlflow_run_id: str, keys: list[str] | None = None) -> pd.DataFrame:
+    """All logged per-step metrics of one run as a wide table indexed by step (NaN values
+    kept as logged)."""
+    return _wide(_histories(mlflow_run_id, keys)[0])
+
+
+def nonfinite_values(histories: dict[str, dict[int, float]], finals: dict) -> str:
+    """'mAP@3, top1@3, mAP_auc' for the logged NaN or infinite values of a run (per-step
+    `histories`, logged `finals`); '' if none."""
+    out = [f"{k}@{step}" for k, h in sorted(histories.items())
+           for step, v in sorted(h.items()) if not math.isfinite(v)]
+    out += [k for k, v in sorted(finals.items()) if not math.isfinite(float(v))]
+    return ", ".join(out)
+
+
+@dataclass
+class Comparison:
+    """What `compare` found: the table of current runs, the plot, and the runs left out."""
+    table: pd.DataFrame
+    plot: Path | None
+    left_out: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["run", "mlflow_run_id", "reason"]))
+    out_dir: Path | None = None
+
+
+def compare(cfg: Config, run_prefix: str | None = None, out_dir: str | Path | None = None,
+            filter_string: str | None = None, spark=None) -> Comparison:
+    """Tabulate and plot the current backfill runs (see the module docstring); writes
+    comparison.csv/.md/.png and curves.csv into `out_dir` (default <paths.outputs>/compare),
+    and left_out.csv when runs were left out. Raises ValueError on an invalid filter."""
     from fastfill_udfs.reporting import markdown_table, plot_curves
 
-    runs = find_runs(cfg, run_prefix)
     out_dir = Path(out_dir or Path(cfg.resolve_path("paths.outputs")) / "compare")
-    if runs.empty:
-        log.warning("no backfill runs found in MLflow experiment %s",
-                    cfg.get_path("mlflow.experiment"))
-        return runs, None
-    curves, rows = [], []
+    runs, left_out = current_runs(backfill_runs(cfg, run_prefix, filter_string), cfg, spark)
+    for r in left_out.itertuples():
+        log.warning("compare: left out MLflow run %s of %s: %s", r.mlflow_run_id, r.run, r.reason)
+    curves, rows, skipped = [], [], []
     for r in runs.itertuples():
-        c = run_curves(r.mlflow_run_id)
+        histories, finals = _histories(r.mlflow_run_id)
+        c = _wide(histories)
         if c.empty or "mAP" not in c:
+            skipped.append((r.run, r.mlflow_run_id, "no mAP logged yet (not evaluated)"))
             continue
+        nan = nonfinite_values(histories, finals)
+        if nan:
+            log.warning("compare: run %s has non-finite metrics: %s", r.run, nan)
         c = c.assign(policy=r.policy, run=r.run)
         curves.append(c.reset_index(names="step"))
-        rows.append({"run": r.run, "policy": r.policy, "mAP_auc": r.mAP_auc,
-                     "top1_auc": r.top1_auc, "mAP_t0": c["mAP"].iloc[0],
-                     "mAP_final": c["mAP"].iloc[-1], "steps": len(c)})
-    table = pd.DataFrame(rows)
+        rows.append({"run": r.run, "policy": r.policy, "status": r.status,
+                     "mAP_auc": r.mAP_auc, "top1_auc": r.top1_auc,
+                     "mAP_t0": c["mAP"].iloc[0], "mAP_final": c["mAP"].iloc[-1],
+                     "steps": len(c), "nan_metrics": nan})
+    left_out = pd.concat([left_out, pd.DataFrame(skipped, columns=left_out.columns)],
+                         ignore_index=True) if skipped else left_out
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not left_out.empty:
+        left_out.to_csv(out_dir / "left_out.csv", index=False)
+    if not rows:
+        log.warning("no current backfill runs with a curve in MLflow experiment %s%s",
+                    cfg.get_path("mlflow.experiment"),
+                    f" matching {filter_string!r}" if filter_string else "")
+        return Comparison(pd.DataFrame(rows), None, left_out, out_dir)
+    table = pd.DataFrame(rows)
     table.to_csv(out_dir / "comparison.csv", index=False)
     (out_dir / "comparison.md").write_text(markdown_table(table) + "\n")
     long = pd.concat(curves, ignore_index=True)
@@ -90,7 +218,15 @@ def compare_runs(cfg: Config, run_prefix: str | None = None,
             report = subgroup_report(long, minority, shares)
             report.to_csv(out_dir / "subgroups.csv", index=False)
             (out_dir / "subgroups.md").write_text(markdown_table(report) + "\n")
-    return table, png
+    return Comparison(table, png, left_out, out_dir)
+
+
+def compare_runs(cfg: Config, run_prefix: str | None = None,
+                 out_dir: str | Path | None = None, filter_string: str | None = None,
+                 spark=None) -> tuple[pd.DataFrame, Path | None]:
+    """`compare` as (table, plot path or None when no runs)."""
+    found = compare(cfg, run_prefix, out_dir, filter_string, spark)
+    return found.table, found.plot
 
 
 def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,

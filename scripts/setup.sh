@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up: Java check, Fashion-MNIST Debian package, a project virtualenv
-# with pinned packages, the Delta Lake jars from Maven Central and Spark's spark-defaults.conf.
+# with pinned packages, the Delta Lake jars from Maven Central, Spark's spark-defaults.conf and
+# log4j2.properties, and Chromium for the MLflow UI test.
 # Usage: bash scripts/setup.sh          (rerunning it is cheap: finished steps are skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,12 +41,21 @@ WANT=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   log "installing packages (torch, pyspark, delta-spark, mlflow, faiss-cpu, ...) into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,bench]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,bench,databricks]"
   echo "$WANT" > "$STAMP"
 else
   log "packages up to date in $VENV"
 fi
 
-# 4. Delta Lake jars (Maven Central) into .cache/ivy and the venv's spark-defaults.conf.
+# 4. Delta Lake jars (Maven Central) into .cache/ivy, the venv's spark-defaults.conf and a quiet
+#    log4j2.properties (Spark at WARN; --set spark.log_level=INFO brings its INFO lines back).
 "$VENV/bin/python" -m fastfill_udfs.spark.jars | sed 's/^/[setup] /'
+
+# 5. Chromium (Debian) for the MLflow UI test and scripts/mlflow_screenshots.py; optional.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  log "installing the Debian package chromium (the MLflow UI test opens the UI in it)"
+  { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq chromium >/dev/null; } \
+    || log "note: could not install chromium; the MLflow UI test will skip (as root: apt-get install chromium)"
+fi
 log "done: activate with 'source $VENV/bin/activate' (environment size: $(du -sh "$VENV" | cut -f1))"

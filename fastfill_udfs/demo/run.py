@@ -19,7 +19,8 @@ def run_demo(cfg: Config, *, master: str | None = None, skip_study: bool = False
     from fastfill_udfs.reporting import markdown_table
     from fastfill_udfs.spark.jobs import backfill_job, ingest_job, rank_job
     from fastfill_udfs.demo.study_job import run_study_job
-    from fastfill_udfs.tracking import tracking_uri_for
+    from fastfill_udfs.tracking import (BACKFILL_VIEW, configure_mlflow, experiment_url,
+                                        tracking_uri_for)
 
     start, timings = time.monotonic(), {}
 
@@ -43,7 +44,8 @@ def run_demo(cfg: Config, *, master: str | None = None, skip_study: bool = False
     uri = tracking_uri_for(cfg)
     print("\nBackfill runs (Spark pipeline, MLflow):\n" + markdown_table(table))
     print(f"\ncomparison plot: {png}")
-    print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    print(f"MLflow UI:       .venv/bin/mlflow ui --backend-store-uri {uri}  then open\n"
+          f"                 {experiment_url('http://127.0.0.1:5000', configure_mlflow(cfg), view=BACKFILL_VIEW)}")
     print(f"total time:      {format_seconds(time.monotonic() - start)} "
           + "(" + ", ".join(f"{k}: {format_seconds(v)}" for k, v in timings.items()) + ")")
     return {"table": table, "plot": png, "timings": timings}

@@ -1,6 +1,7 @@
 """Delta Lake JVM jars: resolve them once from Maven Central into a project-local cache and
 write a `spark-defaults.conf` so that `python pipelines/x.py` and plain `spark-submit
-pipelines/x.py` both start Spark with Delta's SQL extension and catalog.
+pipelines/x.py` both start Spark with Delta's SQL extension and catalog, and a quiet
+`log4j2.properties` (Spark at WARN) so that they print the job's own lines.
 
 Run ``python -m fastfill_udfs.spark.jars`` (scripts/setup.sh does it) to fetch and wire the jars.
 """
@@ -108,6 +109,49 @@ def write_spark_defaults(cache: Path = JAR_CACHE) -> Path:
     return path
 
 
+LOG4J2_MARKER = "# Written by fastfill_udfs.spark.jars"
+LOG4J2_PROPERTIES = LOG4J2_MARKER + """ (scripts/setup.sh); rerun it to refresh.
+# Spark, Hadoop, Delta and their libraries log at WARN, so what spark-submit prints is the
+# job's own progress (the project's Python loggers log INFO to stdout, see cli.setup_logging).
+# Spark's INFO lines back: --set spark.log_level=INFO (from the session's start on), or move
+# this file away (everything, JVM start-up included).
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n%ex
+
+# One-line warnings every local run prints and nobody can act on
+logger.nativecode.name = org.apache.hadoop.util.NativeCodeLoader
+logger.nativecode.level = error
+logger.loopback.name = org.apache.spark.util.Utils
+logger.loopback.level = error
+logger.metrics.name = org.apache.hadoop.metrics2
+logger.metrics.level = error
+
+# The Python UDF workers' and py4j's own stderr lines stay visible
+logger.pythonrunner.name = org.apache.spark.api.python.PythonRunner
+logger.pythonrunner.level = warn
+"""
+
+
+def write_log4j2(conf_dir: Path | None = None) -> Path | None:
+    """Write `log4j2.properties` (LOG4J2_PROPERTIES: Spark at WARN) next to spark-defaults.conf
+    in the venv's SPARK_HOME conf (or `conf_dir`), where spark-submit and pyspark's launcher
+    put it on the JVM's classpath. A file the user wrote there (without our marker line) is
+    kept; returns None then, else the path."""
+    conf_dir = Path(conf_dir) if conf_dir is not None else spark_home() / "conf"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    path = conf_dir / "log4j2.properties"
+    if path.exists() and not path.read_text().startswith(LOG4J2_MARKER):
+        return None
+    path.write_text(LOG4J2_PROPERTIES)
+    return path
+
+
 def main() -> int:
     if delta_jars_present():
         print(f"Delta jars already cached in {JAR_CACHE / 'jars'}")
@@ -116,6 +160,9 @@ def main() -> int:
         fetch_delta_jars()
     print(f"  {len(cached_jars())} jars, Delta: {delta_maven_coordinate()}")
     print(f"Wrote {write_spark_defaults()}")
+    log4j2 = write_log4j2()
+    print(f"Wrote {log4j2} (Spark logs at WARN; --set spark.log_level=INFO for its INFO lines)"
+          if log4j2 else f"Kept your own {spark_home() / 'conf' / 'log4j2.properties'}")
     return 0
 
 

@@ -10,6 +10,7 @@ import logging
 from fastfill_udfs.config import Config
 from fastfill_udfs.model_loading import load_configured_model
 from fastfill_udfs.spark.delta_io import run_id_for
+from fastfill_udfs.spark.run_status import backfill_run_status
 from fastfill_udfs.spark.session import get_spark
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,14 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
     run = run_id_for(cfg, policy)
     new_model = load_configured_model(cfg, "new")
     tracker = None
-    with _lease(spark, cfg, run) as lease:  # before MLflow: a second job must not touch it
+    with _lease(spark, cfg, run) as lease, \
+            backfill_run_status(spark, cfg, run, lease.owner) as status:  # MLflow run status
         if evaluate:
             tracker = _tracker(spark, cfg, policy)
+            status.track(tracker.run_id)
             tracker.catch_up()
+        else:
+            status.track_existing()
         done = run_backfill(spark, cfg, new_model, run, max_batches=max_batches or None,
                             on_committed=tracker.on_committed if tracker else None,
                             lease=lease)
@@ -101,8 +106,10 @@ def evaluate_job(cfg: Config, *, policy: str | None = None, master: str | None =
     policy = policy or cfg.get_path("backfill.policy")
     spark = get_spark(cfg["spark"], master=master)
     run = run_id_for(cfg, policy)
-    with _lease(spark, cfg, run):
+    with _lease(spark, cfg, run) as lease, \
+            backfill_run_status(spark, cfg, run, lease.owner) as status:
         tracker = _tracker(spark, cfg, policy)
+        status.track(tracker.run_id)
         n = tracker.catch_up()
         aucs = tracker.finalize()
     return {"run": run, "steps_evaluated": n, "aucs": aucs, "mlflow_run_id": tracker.run_id}

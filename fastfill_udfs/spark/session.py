@@ -38,7 +38,7 @@ def get_spark(
     """Return the active SparkSession or build one with Delta enabled.
 
     `spark_cfg` is the config's `spark` section (master, app_name, arrow_batch_size,
-    shuffle_partitions, driver_memory, conf); `master` overrides it. Raises
+    shuffle_partitions, driver_memory, log_level, conf); `master` overrides it. Raises
     DeltaUnavailableError when the Delta jars are missing (names the setup command)."""
     spark_cfg = dict(spark_cfg or {})
     active = SparkSession.getActiveSession()
@@ -78,7 +78,16 @@ def _static_conf(spark_cfg: Mapping) -> dict[str, str]:
     return conf
 
 
+LOG_LEVELS = ("ALL", "DEBUG", "ERROR", "FATAL", "INFO", "OFF", "TRACE", "WARN")
+
+
 def _apply_runtime_conf(spark: SparkSession, spark_cfg: Mapping) -> None:
+    level = str(spark_cfg.get("log_level") or "").upper()
+    if level:  # spark.log_level: Spark's chatter back on (or off) for this job
+        if level not in LOG_LEVELS:
+            raise ValueError(f"config key 'spark.log_level' must be one of {LOG_LEVELS} or "
+                             f"'', got {spark_cfg.get('log_level')!r}")
+        spark.sparkContext.setLogLevel(level)
     settings = {"spark.sql.execution.arrow.pyspark.enabled": "true"}
     if spark_cfg.get("arrow_batch_size"):
         settings["spark.sql.execution.arrow.maxRecordsPerBatch"] = spark_cfg["arrow_batch_size"]
