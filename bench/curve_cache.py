@@ -32,8 +32,7 @@ if str(ROOT) not in sys.path:
 
 from fastfill_udfs.data import load_fashion_mnist, stratified_subset  # noqa: E402
 from fastfill_udfs.inference import BatchEmbedder  # noqa: E402
-from fastfill_udfs.models import EmbeddingCNN  # noqa: E402
-from fastfill_udfs.training import train_embedding_model  # noqa: E402
+from fastfill_udfs.demo.cnn import EmbeddingCNN, train_embedding_model  # noqa: E402
 
 CACHE = ROOT / ".cache" / "curve"
 FMNIST = "/usr/share/datasets/fashion-mnist"
