@@ -4,6 +4,7 @@ gallery's new embeddings, which a real backfill does not have before it re-embed
 * :func:`item_map_benefit` -- the exact first-order change in mAP if one gallery item alone were
   backfilled now (its current, possibly corrected, transformed score replaced by its new-model
   score), for every item at once.
+* :func:`item_top1_benefit` -- the same for top-1 (CMC at 1).
 * :func:`greedy_order` -- the realised-benefit ceiling: backfill, batch after batch, the items
   with the largest current benefit (recomputed after every batch).
 * :func:`similarity_stats` -- score statistics per gallery source (query vs new, query vs
@@ -22,7 +23,8 @@ import pandas as pd
 
 from fastfill_udfs.metrics import DISTANCES, retrieval_metrics, similarity_scores
 
-__all__ = ["item_map_benefit", "greedy_order", "similarity_stats", "per_class_map"]
+__all__ = ["item_map_benefit", "item_top1_benefit", "greedy_order", "similarity_stats",
+           "per_class_map"]
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -102,6 +104,47 @@ def item_map_benefit(query_emb, query_labels, gallery_current, gallery_new, gall
             if delta is not None:
                 total += delta
                 n_valid += 1
+    return total / max(n_valid, 1)
+
+
+def item_top1_benefit(query_emb, query_labels, gallery_current, gallery_new, gallery_labels, *,
+                      query_ids=None, gallery_ids=None, distance: str = "cosine",
+                      current_scale=None, current_bias=None, block_size: int = 512) -> np.ndarray:
+    """Per gallery item: the change in top-1 (the share of queries whose best-scoring item is
+    relevant) if that item alone switched to its new-model vector; arguments as
+    :func:`item_map_benefit`. Ties at the top are read as the first index winning."""
+    q, ql, gl = _check_inputs(query_emb, query_labels, gallery_labels,
+                              {"gallery_current": gallery_current, "gallery_new": gallery_new},
+                              query_ids, gallery_ids, distance)
+    cur, new = _to_numpy(gallery_current), _to_numpy(gallery_new)
+    n = len(gl)
+    total, n_valid = np.zeros(n), 0
+    for lo in range(0, len(q), block_size):
+        hi = min(lo + block_size, len(q))
+        s = similarity_scores(q[lo:hi], cur, distance=distance, gallery_scale=current_scale,
+                              gallery_bias=current_bias)
+        s2 = similarity_scores(q[lo:hi], new, distance=distance)
+        rel = ql[lo:hi, None] == gl[None, :]
+        own = _self_mask(query_ids, gallery_ids, lo, hi, n)
+        if own is not None:
+            s[own], s2[own], rel = -np.inf, -np.inf, rel & ~own
+        ok = rel.any(axis=1)
+        s, s2, rel = s[ok], s2[ok], rel[ok]
+        n_valid += int(ok.sum())
+        rows = np.arange(len(s))
+        best = s.argmax(axis=1)
+        best_s = s[rows, best]
+        hit = rel[rows, best]
+        s_wo = s.copy()
+        s_wo[rows, best] = -np.inf
+        second = s_wo.argmax(axis=1)
+        second_s, second_hit = s_wo[rows, second], rel[rows, second]
+        # j is not the best: it takes the top when its new score beats the best one
+        new_hit = np.where(s2 > best_s[:, None], rel, hit[:, None])
+        # j is the best: it keeps the top if its new score still beats the runner-up
+        own_best = np.where(s2[rows, best] > second_s, hit, second_hit)
+        new_hit[rows, best] = own_best
+        total += (new_hit.astype(np.float64) - hit[:, None]).sum(axis=0)
     return total / max(n_valid, 1)
 
 

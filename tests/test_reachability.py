@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fastfill_udfs.metrics import retrieval_metrics
-from fastfill_udfs.reachability import (greedy_order, item_map_benefit, per_class_map,
+from fastfill_udfs.reachability import (greedy_order, item_map_benefit, item_top1_benefit,
+                                        per_class_map,
                                         similarity_stats)
 from fastfill_udfs.simulate import backfill_curve, curve_auc
 
@@ -86,3 +87,20 @@ def test_per_class_map_averages_to_the_overall_map(data):
     assert np.average(per.to_numpy(), weights=counts) == pytest.approx(overall, abs=1e-12)
     with pytest.raises(ValueError, match="distance"):
         per_class_map(new, labels, transformed, labels, distance="dot")
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_item_top1_benefit_is_the_exact_top1_change(data, distance):
+    new, transformed, labels, ids = data
+    current = transformed.copy()
+    current[:20] = new[:20]
+    got = item_top1_benefit(new, labels, current, new, labels, query_ids=ids, gallery_ids=ids,
+                            distance=distance, block_size=41)
+    kw = dict(query_ids=ids, gallery_ids=ids, distance=distance, topk=(1,))
+    base = retrieval_metrics(new, labels, current, labels, **kw)["top1"]
+    for j in range(0, len(labels), 5):
+        g = current.copy()
+        g[j] = new[j]
+        assert got[j] == pytest.approx(retrieval_metrics(new, labels, g, labels, **kw)["top1"]
+                                       - base, abs=1e-12)
+    assert np.abs(got).max() > 0
