@@ -51,6 +51,8 @@ def test_realised_benefit_is_map_plus_top1(problem):
     want = item_map_benefit(new, labels, t, new, labels, **kw) \
         + 0.5 * item_top1_benefit(new, labels, t, new, labels, **kw)
     got = realised_benefit(new, labels, t, distance="l2", top1_weight=0.5)
+    np.testing.assert_allclose(realised_benefit(new, labels, t, distance="l2"),
+                               item_map_benefit(new, labels, t, new, labels, **kw), atol=1e-12)
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 

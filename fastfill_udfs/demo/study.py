@@ -226,10 +226,12 @@ def study_curves(cfg: Config, test: Split, new_emb, transformed: dict, sigma: di
             scale, bias = item_correction(h.calibration, np.ones(len(test.ids), bool),
                                           sigma=sigma.get(key))
             correction = {"transformed_scale": scale, "transformed_bias": bias}
+        # float32 similarities: about twice as fast on 10k x 10k, and what the Spark
+        # evaluation (faiss) computes; AUCs agree with float64 to ~1e-6
         curve = backfill_curve(order, transformed[key], new_emb, new_emb, test.labels,
                                test.labels, batch_ids=batch_ids, query_ids=test.ids,
                                gallery_ids=test.ids, topk=topk, distance=distance,
-                               **correction)
+                               dtype="float32", **correction)
         curve.insert(0, "policy", name)
         curves.append(curve)
         first10 = order[: max(1, int(round(0.1 * len(order))))]
