@@ -4,9 +4,12 @@ Design
 ------
 * Vectors enter faiss through one :class:`VectorSpace` (``index_vectors(x, source)`` for the
   gallery, ``query_vectors(q)`` for queries) and its faiss ``metric``: the one place that fixes
-  the distance. Today it is cosine: L2-normalised float32 vectors and inner product (an
-  all-zero vector stays zero and scores 0 against everything). Scores are "higher is better"
-  in every space, so the shard merge and the evaluation never ask which distance is in use.
+  the distance (``evaluation.distance``): ``cosine`` (L2-normalised float32 vectors and inner
+  product; an all-zero vector stays zero and scores 0 against everything) or ``l2`` (raw
+  features, the official FastFill evaluation: gallery ``[2g, -|g|^2]`` against query ``[q, 1]``
+  by inner product scores ``-|q - g|^2 + |q|^2``, the L2 ranking of every query). Scores are
+  "higher is better" in every space, so the shard merge and the evaluation never ask which
+  distance is in use.
 * One exact store per shard, ``IndexIDMap2(IndexFlat)``; an item with int64 key ``k`` lives in
   shard ``k % num_shards``. ``faiss.IndexShards`` is not used: it routes added items to shards in
   contiguous chunks, not by key, so an upsert could not find the shard holding a key. A query
@@ -46,7 +49,7 @@ import pandas as pd
 __all__ = ["VectorSpace", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS"]
 
 log = logging.getLogger(__name__)
-DISTANCES = ("cosine",)            # evaluation.distance; "l2" and calibration plug in here
+DISTANCES = ("cosine", "l2")       # evaluation.distance
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _SHOW = 5                          # offending keys named in an error message
 _FORMAT = "fastfill-shards/1"      # format tag of a saved index folder
@@ -108,6 +111,14 @@ def _as_matrix(x, dim: int, name: str, keys=None) -> np.ndarray:
     return arr
 
 
+def _max_norm(x: np.ndarray | None) -> float:
+    """Largest row norm of ``x`` (0 for None or no rows), in float64."""
+    if x is None or len(x) == 0:
+        return 0.0
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x)).max())
+
+
 def _normalise(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """L2-normalised ``x[rows]`` (all rows by default) as a new C-contiguous float32 array.
 
@@ -138,24 +149,25 @@ def _normalise(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
 class VectorSpace:
     """How embeddings enter faiss and meet queries: the one place that fixes the distance.
 
-    ``distance="cosine"`` (the only one today): gallery and query vectors are L2-normalised in
-    float32 and compared by inner product (``metric`` = ``faiss.METRIC_INNER_PRODUCT``), so a
-    score is the cosine similarity. Every space returns "higher is better" scores.
-
-    Extension points (issue 10 wires them in): ``index_vectors`` receives each row's ``source``
-    (``"new"`` / ``"transformed"``) so a per-source affine calibration can scale transformed
-    vectors and append constant coordinates (``index_dim`` then grows, and ``query_vectors``
-    appends the matching query coordinates); an L2 space can keep inner product on augmented
-    vectors (``[2g, -|g|^2]`` against ``[q, 1]`` ranks as ``-|q - g|^2``) or set ``metric`` to
-    ``faiss.METRIC_L2`` and negate faiss's distances in ``scores_from_faiss``.
+    ``distance="cosine"``: gallery and query vectors are L2-normalised in float32 and compared
+    by inner product, so a score is the cosine similarity. ``distance="l2"`` (raw features):
+    faiss stores ``[2g, -|g|^2]`` and searches with ``[q, 1]`` by inner product, so a score is
+    ``2 q.g - |g|^2 = |q|^2 - |q - g|^2``: per query the same order as the L2 distance, and an
+    exact flat search stays an inner-product search. Every space returns "higher is better"
+    scores. ``index_vectors`` receives each row's ``source`` for a per-source calibration.
     Raises ValueError for an unknown ``distance``, naming ``evaluation.distance``.
     """
 
     def __init__(self, distance: str = "cosine"):
         if distance not in DISTANCES:
-            raise ValueError(f"evaluation.distance must be one of {DISTANCES} in this version of "
-                             f"the index, got {distance!r}")
+            raise ValueError(f"evaluation.distance must be one of {DISTANCES}, got {distance!r}")
         self.distance = distance
+        self.l2 = distance == "l2"
+
+    @classmethod
+    def from_config(cls, cfg) -> "VectorSpace":
+        """The space of ``evaluation.distance``."""
+        return cls(cfg.get_path("evaluation.distance"))
 
     @property
     def metric(self) -> int:
@@ -164,53 +176,80 @@ class VectorSpace:
 
     def index_dim(self, dim: int) -> int:
         """Width of the vectors faiss stores for ``dim``-wide embeddings."""
-        return int(dim)
+        return int(dim) + (1 if self.l2 else 0)
 
     def index_vectors(self, embeddings: np.ndarray, source=None) -> np.ndarray:
         """Gallery embeddings (n x dim, checked finite) as faiss stores them: float32,
         C-contiguous, a new array. ``source`` (n,) says which model made each row (unused by
-        plain cosine)."""
-        return _normalise(embeddings)
+        these spaces)."""
+        if not self.l2:
+            return _normalise(embeddings)
+        g = np.asarray(embeddings, dtype=np.float64)
+        out = np.empty((len(g), g.shape[1] + 1), dtype=np.float32)
+        out[:, :-1] = 2.0 * g
+        out[:, -1] = -np.einsum("ij,ij->i", g, g)
+        return out
 
     def query_vectors(self, queries: np.ndarray) -> np.ndarray:
         """Query embeddings (nq x dim, checked finite) as faiss searches with them."""
-        return _normalise(queries)
+        if not self.l2:
+            return _normalise(queries)
+        q = np.asarray(queries, dtype=np.float64)
+        return np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1))]), dtype=np.float32)
 
     def scores_from_faiss(self, distances: np.ndarray) -> np.ndarray:
         """faiss's search output as "higher is better" scores (identity for inner product)."""
         return distances
 
     def exact_vectors(self, stored: np.ndarray) -> np.ndarray:
-        """float64 vectors whose inner products are the exact scores of stored (index-space)
-        vectors: for cosine the stored float32 vectors normalised again in float64, as
-        :func:`fastfill_udfs.metrics.retrieval_metrics` normalises its input (zero rows stay
-        zero)."""
+        """float64 vectors whose inner products with :meth:`exact_query_vectors` are the exact
+        scores of stored (index-space) vectors: for cosine the stored float32 vectors
+        normalised again in float64, as :func:`fastfill_udfs.metrics.retrieval_metrics`
+        normalises its input (zero rows stay zero); for l2 ``[2g, -|g|^2]`` with ``g`` the
+        stored float32 embedding and its squared norm taken in float64."""
         x = np.asarray(stored, dtype=np.float64)
+        if self.l2:
+            g = x[:, :-1] / 2.0
+            return np.ascontiguousarray(np.hstack([2.0 * g, -np.einsum("ij,ij->i", g, g)[:, None]]))
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
         return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0))
 
     def exact_query_vectors(self, queries: np.ndarray) -> np.ndarray:
         """float64 query vectors for the exact scores, from the raw query embeddings (not the
         float32 ones faiss searches with): for cosine normalised in float64, as
-        :func:`fastfill_udfs.metrics.retrieval_metrics` does."""
+        :func:`fastfill_udfs.metrics.retrieval_metrics` does; for l2 ``[q, 1]``."""
+        if self.l2:
+            q = np.asarray(queries, dtype=np.float64)
+            return np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1))]))
         return self.exact_vectors(queries)
 
-    def score_bounds(self) -> tuple[float, float]:
-        """(lowest, highest) exact score any pair can have: [-1, 1] for cosine."""
-        return -1.0, 1.0
+    def score_bounds(self, query_vectors: np.ndarray | None = None,
+                     stored: np.ndarray | None = None) -> tuple[float, float]:
+        """(lowest, highest) exact score any pair can have: [-1, 1] for cosine; for l2, from
+        the largest query and gallery norms, ``[-(2|q||g| + |g|^2), 2|q||g|]``."""
+        if not self.l2:
+            return -1.0, 1.0
+        qmax = _max_norm(None if query_vectors is None else np.asarray(query_vectors)[:, :-1])
+        gmax = _max_norm(None if stored is None else np.asarray(stored)[:, :-1] / 2.0)
+        reach = 2.0 * qmax * gmax
+        return -(reach + gmax * gmax) - 1.0, reach + 1.0
 
     def score_error_bound(self, query_vectors: np.ndarray, stored: np.ndarray) -> np.ndarray:
         """Per query, a bound on |faiss's float32 score - the exact float64 score| against any
         of the ``stored`` vectors: a float32 dot product of width D errs by at most about
         D * 2**-24 * |q| * |g| (taken twice over), plus the renormalisation of
-        :meth:`exact_vectors` (|q||g| - 1 for cosine)."""
+        :meth:`exact_vectors` (|q||g| - 1 for cosine; the float32 rounding of the stored
+        squared norm for l2)."""
         q = np.asarray(query_vectors, dtype=np.float64)
         g = np.asarray(stored, dtype=np.float64)
         qn = np.sqrt(np.einsum("ij,ij->i", q, q))
         gn = np.sqrt(np.einsum("ij,ij->i", g, g))
         gmax = float(gn.max(initial=0.0))
-        gmin = float(gn[gn > 0].min(initial=gmax)) if gn.size else 0.0
         rounding = 2.0 * (q.shape[1] + 2) * 2.0 ** -24 * qn * gmax
+        if self.l2:
+            sq = float(np.abs(g[:, -1]).max(initial=0.0)) if g.size else 0.0
+            return rounding + 4.0 * 2.0 ** -24 * (sq + 1.0) + 1e-12
+        gmin = float(gn[gn > 0].min(initial=gmax)) if gn.size else 0.0
         renorm = np.maximum(np.abs(qn * gmax - 1.0), np.abs(qn * gmin - 1.0)) * (gmax > 0)
         return rounding + np.where(qn > 0, renorm, 0.0) + 1e-12
 

@@ -235,7 +235,8 @@ def _check_ks(values, name: str) -> tuple:
 class _Gallery:
     """The stored vectors in column order, with each column's key, label code and source."""
 
-    def __init__(self, index: ShardedGalleryIndex, gallery_key_labels, key_sources):
+    def __init__(self, index: ShardedGalleryIndex, gallery_key_labels, key_sources,
+                 query_vectors: np.ndarray):
         parts = index.stored_vectors()
         self.keys = (np.concatenate([p[0] for p in parts]) if parts
                      else np.zeros(0, dtype=np.int64))
@@ -243,7 +244,7 @@ class _Gallery:
                   else np.zeros((0, index.index_dim), np.float32))
         self.n = len(self.keys)
         self.stored = stored
-        lowest, highest = index.space.score_bounds()
+        lowest, highest = index.space.score_bounds(query_vectors, stored)
         span = (highest - lowest) * (1 + 2.0 ** -10)
         self.scale = _KEY_RANGE / span             # mapped = scale * (score + shift) in (0, 2**32)
         self.shift = -lowest + (highest - lowest) * 2.0 ** -11
@@ -326,7 +327,8 @@ def evaluate_index(index: ShardedGalleryIndex, query_emb, query_labels, gallery_
         if len(qk) != nq:
             raise ValueError(f"query_keys has {len(qk)} entries, query_emb has {nq} rows")
 
-    gal = _Gallery(index, gallery_key_labels, gallery_key_sources)
+    gal = _Gallery(index, gallery_key_labels, gallery_key_sources,
+                   index.space.exact_query_vectors(q))
     n = gal.n
     both = pd.Series(np.concatenate([ql.astype(object), gal.labels.astype(object)]), dtype=object)
     codes, _ = pd.factorize(both, use_na_sentinel=True)

@@ -2,8 +2,14 @@
 
 Definitions (shared by :func:`retrieval_metrics` and :func:`ranked_metrics`):
 
-* Similarity is cosine: queries and gallery are L2-normalised first (an all-zero vector gets
-  similarity 0 to everything).
+* Similarity (``distance``): ``"cosine"`` (default): queries and gallery are L2-normalised
+  first (an all-zero vector gets similarity 0 to everything); ``"l2"``: the negated squared
+  Euclidean distance ``-||q - g||^2`` on the raw vectors (the official FastFill evaluation).
+  Without a score correction the per-query constant ``||q||^2`` is dropped (``2 q.g - ||g||^2``
+  ranks the row identically and loses less precision).
+* Optional per-gallery-item score correction (a calibrated mixed gallery, see
+  :mod:`fastfill_udfs.calibration`): ``score'(q, j) = gallery_scale[j] * score(q, j) +
+  gallery_bias[j]`` with ``score`` the similarity above (for ``l2`` the full ``-||q - g||^2``).
 * Average precision of one query, with tied scores grouped exactly like
   ``sklearn.metrics.average_precision_score``::
 
@@ -36,12 +42,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["retrieval_metrics", "ranked_metrics"]
+__all__ = ["retrieval_metrics", "ranked_metrics", "similarity_scores", "DISTANCES"]
+
+DISTANCES = ("cosine", "l2")
 
 # Upper bound on the similarities held per block (caps the block size for large galleries).
 _MAX_BLOCK_ELEMENTS = 1 << 24
-# Score given to excluded (leave-one-out) entries: below every cosine similarity.
-_EXCLUDED = -2.0
+# Score given to excluded (leave-one-out) entries: below every similarity of either distance.
+_EXCLUDED = -np.inf
 
 
 # ----------------------------------------------------------------------------- checks
@@ -61,6 +69,27 @@ def _check_block_size(block_size) -> int:
             or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return int(block_size)
+
+
+def _check_distance(distance) -> str:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    return distance
+
+
+def _item_vector(x, n: int, name: str) -> np.ndarray | None:
+    """A per-gallery-item float vector (scalar broadcast), finite; None stays None."""
+    if x is None:
+        return None
+    arr = _to_numpy(x).astype(np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or 1-D with one entry per gallery item ({n}), "
+                         f"got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -209,11 +238,35 @@ def _pack_sort(sims: np.ndarray, match: np.ndarray):
     return sims, m.view(bool)
 
 
+def _score_operands(q: np.ndarray, g: np.ndarray, distance: str, scale, bias):
+    """(Q, G) with ``Q @ G.T`` = the (corrected) scores of the module docstring, up to a
+    per-query constant where there is no correction (one matmul scores a block)."""
+    ones = np.ones((len(q), 1))
+    if distance == "cosine":
+        qa, ga = _l2_normalise(q), _l2_normalise(g)
+        if scale is None and bias is None:
+            return qa, ga
+        if scale is not None:
+            ga = ga * scale[:, None]
+        b = np.zeros(len(g)) if bias is None else bias
+        return np.hstack([qa, ones]), np.hstack([ga, b[:, None]])
+    g_sq = np.einsum("ij,ij->i", g, g)
+    if scale is None:
+        # -||q - g||^2 + b = 2 q.g - ||g||^2 + b - ||q||^2; the last term is per query
+        b = -g_sq if bias is None else bias - g_sq
+        return np.hstack([q, ones]), np.hstack([2.0 * g, b[:, None]])
+    q_sq = np.einsum("ij,ij->i", q, q)
+    b = np.zeros(len(g)) if bias is None else bias
+    return (np.hstack([q, ones, q_sq[:, None]]),
+            np.hstack([2.0 * scale[:, None] * g, (b - scale * g_sq)[:, None], -scale[:, None]]))
+
+
 # ----------------------------------------------------------------------------- public
 def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
                       query_ids=None, gallery_ids=None, topk: Sequence[int] = (1, 5),
-                      block_size: int = 1024, device=None, dtype="float64") -> dict:
-    """mAP and CMC top-k of ``query_emb`` against ``gallery_emb`` by cosine similarity.
+                      block_size: int = 1024, device=None, dtype="float64",
+                      distance: str = "cosine", gallery_scale=None, gallery_bias=None) -> dict:
+    """mAP and CMC top-k of ``query_emb`` against ``gallery_emb`` by ``distance``.
 
     Args: embeddings as 2-D numpy arrays or torch tensors (same dim); labels 1-D (any hashable
     values, None/NaN = missing); optional ``query_ids``/``gallery_ids`` (both or neither) for
@@ -221,14 +274,19 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     block holds at most 2**24 similarities); ``device`` a torch device for the similarity
     matmul (default: CPU numpy, or the query tensor's device when it is not on the CPU);
     ``dtype`` of the similarities, ``"float64"`` (default; ties and near-ties as in a float64
-    reference) or ``"float32"`` (about twice as fast; scores within ~1e-7 may tie).
+    reference) or ``"float32"`` (about twice as fast; scores within ~1e-7 may tie, for ``l2``
+    within ~1e-7 of the squared norms); ``distance`` ``"cosine"`` or ``"l2"``;
+    ``gallery_scale``/``gallery_bias`` optional per-gallery-item score correction (scalars or
+    1-D, one entry per gallery item; see the module docstring).
     Returns ``{"mAP", "top1", "top5", ..., "n_queries"}`` (see the module docstring).
     Raises ValueError on mismatched shapes/lengths, non-finite embeddings, bad ``topk``,
-    ``block_size`` or ``dtype``, or only one of the id arrays.
+    ``block_size``, ``dtype``, ``distance``, ``gallery_scale``/``gallery_bias``, or only one of
+    the id arrays.
     """
     ks = _check_topk(topk)
     block_size = _check_block_size(block_size)
     fdt = _float_dtype(dtype)
+    distance = _check_distance(distance)
     if (query_ids is None) != (gallery_ids is None):
         raise ValueError("query_ids and gallery_ids must be given together (leave-one-out) or not at all")
     if device is None and hasattr(query_emb, "device") and str(query_emb.device) != "cpu":
@@ -266,10 +324,12 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
             excl_q = qic
             excl_g = np.where(gic >= 0, gic, -2)
 
+    scale = _item_vector(gallery_scale, ng, "gallery_scale")
+    bias = _item_vector(gallery_bias, ng, "gallery_bias")
     if nq == 0 or ng == 0:
         return _result(np.zeros(0), {k: np.zeros(0, dtype=bool) for k in ks}, ks)
-    qn = _l2_normalise(q).astype(fdt)
-    gn = _l2_normalise(g).astype(fdt)
+    qn, gn = _score_operands(q, g, distance, scale, bias)
+    qn, gn = qn.astype(fdt), gn.astype(fdt)
     step = max(1, min(block_size, _MAX_BLOCK_ELEMENTS // ng))
     buf = np.empty((min(step, nq), ng), dtype=fdt)   # reused: avoids page faults per block
     # BLAS does not promise bit-identical results for identical columns, so duplicated
@@ -322,6 +382,25 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     ap = np.concatenate(aps) if aps else np.zeros(0)
     ng_arr = np.concatenate(greater) if greater else np.zeros(0, dtype=np.int64)
     return _result(ap, {k: ng_arr < k for k in ks}, ks)
+
+
+def similarity_scores(query_emb, gallery_emb, *, distance: str = "cosine", gallery_scale=None,
+                      gallery_bias=None) -> np.ndarray:
+    """The (queries x gallery) float64 score matrix that :func:`retrieval_metrics` ranks by:
+    cosine or ``-||q - g||^2`` (``distance``), then ``gallery_scale[j] * score + gallery_bias[j]``
+    when given. Dense: for blocks of queries (analysis, calibration fits, tests).
+    Raises ValueError on bad shapes, non-finite values or a bad ``distance``."""
+    distance = _check_distance(distance)
+    q = _as_2d_float(query_emb, "query_emb")
+    g = _as_2d_float(gallery_emb, "gallery_emb")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query_emb dim {q.shape[1]} != gallery_emb dim {g.shape[1]}")
+    scale = _item_vector(gallery_scale, len(g), "gallery_scale")
+    bias = _item_vector(gallery_bias, len(g), "gallery_bias")
+    if distance == "l2" and scale is None:
+        scale = np.ones(len(g))                    # the full -||q - g||^2, query norm included
+    qa, ga = _score_operands(q, g, distance, scale, bias)
+    return qa @ ga.T
 
 
 def ranked_metrics(sorted_scores, sorted_match, n_relevant, topk: Sequence[int] = (1, 5), *,

@@ -9,13 +9,32 @@ import torch
 from torch import nn
 
 
+def make_uncertainty_head(new_dim: int, hidden_dim: int = 0) -> nn.Module:
+    """The head on h's output that predicts s = log sigma^2: Linear(new_dim, 1) (the official
+    one, `hidden_dim` 0) or a small MLP Linear -> ReLU -> Linear with `hidden_dim` units."""
+    if hidden_dim < 0:
+        raise ValueError(f"head hidden_dim must be >= 0, got {hidden_dim}")
+    if hidden_dim == 0:
+        return nn.Linear(new_dim, 1)
+    return nn.Sequential(nn.Linear(new_dim, hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, 1))
+
+
 class Transformation(nn.Module):
     """FastFill's `h`: an MLP old_dim -> new_dim (Linear, BatchNorm, ReLU hidden layers) and,
-    when `uncertainty`, a head Linear(new_dim, 1) on h's output that predicts s = log sigma^2.
-    `forward(old)` returns (transformed embedding, s); s is zeros without the head."""
+    when `uncertainty`, a head on h's output that predicts s = log sigma^2 (Linear(new_dim, 1),
+    or an MLP with `head_hidden_dim` units). `forward(old)` returns (transformed embedding, s);
+    s is zeros without the head.
+
+    `h` also carries small JSON-able parameters fitted with it, kept in its spec so they travel
+    with the model (MLflow, the Spark broadcast): `calibration` (the mixed-gallery score
+    correction, :mod:`fastfill_udfs.calibration`) and `prototypes` (class means in the new space
+    for the classifier-free order, :func:`fastfill_udfs.policies.fit_prototypes`); None when not
+    fitted."""
 
     def __init__(self, old_dim: int, new_dim: int, hidden_dim: int = 1024,
-                 num_hidden_layers: int = 2, uncertainty: bool = True):
+                 num_hidden_layers: int = 2, uncertainty: bool = True, head_hidden_dim: int = 0,
+                 calibration: dict | None = None, prototypes: dict | None = None):
         super().__init__()
         for name, value in (("old_dim", old_dim), ("new_dim", new_dim),
                             ("hidden_dim", hidden_dim), ("num_hidden_layers", num_hidden_layers)):
@@ -27,16 +46,21 @@ class Transformation(nn.Module):
             prev = hidden_dim
         layers.append(nn.Linear(prev, new_dim))
         self.mlp = nn.Sequential(*layers)
-        self.uncertainty_head = nn.Linear(new_dim, 1) if uncertainty else None
+        self.uncertainty_head = make_uncertainty_head(new_dim, head_hidden_dim) if uncertainty else None
+        self.head_hidden_dim = int(head_hidden_dim)
         self.old_dim, self.new_dim = old_dim, new_dim
         self.embedding_dim = new_dim
+        self.calibration = calibration
+        self.prototypes = prototypes
 
     def spec_params(self) -> dict:
         """The constructor arguments (see `model_spec`)."""
         linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
         return {"old_dim": self.old_dim, "new_dim": self.new_dim,
                 "hidden_dim": linears[0].out_features if len(linears) > 1 else self.new_dim,
-                "num_hidden_layers": len(linears) - 1, "uncertainty": self.has_uncertainty}
+                "num_hidden_layers": len(linears) - 1, "uncertainty": self.has_uncertainty,
+                "head_hidden_dim": self.head_hidden_dim, "calibration": self.calibration,
+                "prototypes": self.prototypes}
 
     @property
     def has_uncertainty(self) -> bool:
@@ -51,7 +75,9 @@ class Transformation(nn.Module):
         last.weight.mul_(scale)
         last.bias.mul_(scale)
         if self.uncertainty_head is not None:
-            self.uncertainty_head.weight.div_(scale)
+            first = self.uncertainty_head if isinstance(self.uncertainty_head, nn.Linear) \
+                else self.uncertainty_head[0]
+            first.weight.div_(scale)
 
     def forward(self, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if old.dim() != 2 or old.shape[1] != self.old_dim:

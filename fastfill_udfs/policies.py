@@ -4,8 +4,13 @@ A policy turns per-item inputs into a score; higher score = backfilled earlier:
 
 * ``uncertainty`` -- FastFill: the predicted sigma of each item.
 * ``random``      -- the FCT baseline: seeded uniform random scores.
-* ``oracle``      -- ``||normalise(h(o)) - normalise(n)||``: the true error of the transformed
-  embedding; needs the new embeddings, so analysis only (a ceiling).
+* ``oracle``      -- ``||normalise(h(o)) - normalise(n)||`` (cosine; ``||h(o) - n||`` for l2):
+  the true error of the transformed embedding; needs the new embeddings, so analysis only.
+* ``prototype``   -- classifier-free: the distance of the transformed embedding h(o) to the
+  nearest class prototype (the class means of the new model's training embeddings, fitted
+  with `h` by :func:`fit_prototypes` and stored with it; lambda-orthogonality, NeurIPS 2025).
+  Atypical items first. Needs only h's output and the small prototype table, so a Spark
+  worker computes it per item like sigma.
 
 :func:`rank_order` turns scores into a reproducible order, :func:`batch_id_for_rank` maps ranks
 to 1-based batch ids (vectorised, usable per partition in a Spark job).
@@ -16,10 +21,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["POLICIES", "order_scores", "random_scores_for_ids", "rank_order",
+__all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_scores", "random_scores_for_ids", "rank_order",
            "batch_id_for_rank", "assign_batches", "batch_sizes"]
 
-POLICIES = ("uncertainty", "random", "oracle")
+POLICIES = ("uncertainty", "random", "oracle", "prototype")
+PROTOTYPES_VERSION = 1
+_DISTANCES = ("cosine", "l2")
 
 
 def _is_int(x) -> bool:
@@ -55,19 +62,90 @@ def random_scores_for_ids(ids, seed: int = 0) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
 
 
+def _finite_2d(x, name: str) -> np.ndarray:
+    arr = _to_numpy(x).astype(np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (items x dim), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def fit_prototypes(new_embeddings, labels, *, distance: str = "cosine") -> dict:
+    """Class prototypes in the new model's space for the ``prototype`` policy: per class the
+    mean of the new-model training embeddings (cosine: of the L2-normalised ones, normalised
+    again). Returns a JSON-able dict ``{"version", "distance", "classes", "prototypes"}`` to
+    store with `h`. Raises ValueError for bad shapes, NaN, a bad distance or missing labels."""
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    x = _finite_2d(new_embeddings, "new_embeddings")
+    y = _to_numpy(labels)
+    if y.shape != (len(x),):
+        raise ValueError(f"labels must have one entry per embedding ({len(x)}), got {y.shape}")
+    if len(x) == 0:
+        raise ValueError("new_embeddings is empty")
+    if pd.isna(pd.Series(y, dtype=object)).any():
+        raise ValueError("labels contains missing values")
+    if distance == "cosine":
+        x = _l2_normalise(x)
+    classes = pd.unique(y)
+    try:
+        classes = np.sort(classes)
+    except TypeError:
+        pass
+    protos = np.stack([x[y == c].mean(axis=0) for c in classes])
+    if distance == "cosine":
+        protos = _l2_normalise(protos)
+    return {"version": PROTOTYPES_VERSION, "distance": distance,
+            "classes": [c.item() if hasattr(c, "item") else c for c in classes],
+            "prototypes": protos.tolist()}
+
+
+def prototype_scores(transformed, prototypes: dict) -> np.ndarray:
+    """Distance of each transformed embedding to its nearest prototype (float64): cosine
+    ``1 - max_c cos(h(o), p_c)``, l2 ``min_c ||h(o) - p_c||``. Raises ValueError for bad
+    parameters (naming the key) or inputs."""
+    if not isinstance(prototypes, dict) or prototypes.get("version") != PROTOTYPES_VERSION:
+        raise ValueError("prototypes must be a dict from fit_prototypes (version "
+                         f"{PROTOTYPES_VERSION})")
+    if prototypes.get("distance") not in _DISTANCES:
+        raise ValueError(f"prototypes distance must be one of {_DISTANCES}, "
+                         f"got {prototypes.get('distance')!r}")
+    p = _finite_2d(np.asarray(prototypes.get("prototypes"), dtype=np.float64), "prototypes")
+    t = _finite_2d(transformed, "transformed")
+    if t.shape[1] != p.shape[1]:
+        raise ValueError(f"transformed dim {t.shape[1]} != prototypes dim {p.shape[1]}")
+    if prototypes["distance"] == "cosine":
+        return 1.0 - (_l2_normalise(t) @ p.T).max(axis=1)
+    sq = (np.einsum("ij,ij->i", t, t)[:, None] - 2.0 * t @ p.T
+          + np.einsum("ij,ij->i", p, p)[None, :])
+    return np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+
+
 def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None, ids=None,
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, prototypes: dict | None = None,
+                 distance: str = "cosine") -> np.ndarray:
     """Float64 scores for ``policy`` (higher = backfilled earlier).
 
     ``uncertainty`` needs ``sigma`` (1-D); ``random`` needs ``n`` (item count; inferred from
     ``sigma``/``transformed``/``new`` when those are given) or ``ids`` (then the scores come from
     :func:`random_scores_for_ids` and do not depend on row order), seeded by ``seed``;
-    ``oracle`` needs ``transformed`` and ``new`` (2-D, same shape; rows L2-normalised first).
+    ``oracle`` needs ``transformed`` and ``new`` (2-D, same shape; rows L2-normalised first
+    when ``distance`` is cosine, raw for l2); ``prototype`` needs ``transformed`` and
+    ``prototypes`` (:func:`fit_prototypes`).
     Raises ValueError for an unknown policy (naming the allowed ones), a missing or malformed
     input (naming the argument), or NaN/inf inputs.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; allowed policies: {', '.join(POLICIES)}")
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    if policy == "prototype":
+        if transformed is None:
+            raise ValueError("policy 'prototype' needs transformed (h(old) embeddings)")
+        if prototypes is None:
+            raise ValueError("policy 'prototype' needs prototypes (fit_prototypes, stored with h)")
+        return prototype_scores(transformed, prototypes)
     if policy == "uncertainty":
         if sigma is None:
             raise ValueError("policy 'uncertainty' needs sigma (per-item predicted uncertainty)")
@@ -107,6 +185,8 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
         raise ValueError("transformed contains NaN or infinite values")
     if not np.all(np.isfinite(nw)):
         raise ValueError("new contains NaN or infinite values")
+    if distance == "l2":
+        return np.linalg.norm(t - nw, axis=1)
     return np.linalg.norm(_l2_normalise(t) - _l2_normalise(nw), axis=1)
 
 

@@ -14,6 +14,8 @@ POLICY_STYLE = {
     "fastfill_random": ("FastFill, random order", "tab:blue", "-."),
     "fastfill_uncertainty": ("FastFill, uncertainty order", "tab:red", "-"),
     "fastfill_oracle": ("FastFill, oracle order (ceiling)", "tab:green", ":"),
+    "fastfill_benefit": ("FastFill, benefit-head order", "tab:orange", "-"),
+    "fastfill_prototype": ("FastFill, prototype order (no classifier)", "tab:olive", "-."),
     "random": ("random order", "tab:gray", "--"),
     "uncertainty": ("uncertainty order", "tab:red", "-"),
     "oracle": ("oracle order (ceiling)", "tab:green", ":"),

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fastfill_udfs.metrics import retrieval_metrics
 
-__all__ = ["backfill_curve", "curve_auc", "DEFAULT_FRACTIONS"]
+__all__ = ["backfill_curve", "curve_auc", "curve_mean", "fraction_to_reach", "DEFAULT_FRACTIONS"]
 
 DEFAULT_FRACTIONS = tuple(np.round(np.linspace(0.0, 1.0, 11), 10))
 
@@ -24,6 +24,20 @@ def _to_numpy(x):
     if hasattr(x, "detach"):            # torch tensor
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _item_array(x, n: int, default: float, name: str) -> np.ndarray:
+    """A writable float64 array of n entries from None (default), a scalar or a 1-D array."""
+    if x is None:
+        return np.full(n, default)
+    arr = _to_numpy(x).astype(np.float64)
+    if arr.ndim == 0:
+        return np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or 1-D with {n} entries, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr.copy()
 
 
 def curve_auc(fractions, values) -> float:
@@ -49,15 +63,56 @@ def curve_auc(fractions, values) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
+def curve_mean(values) -> float:
+    """The official FastFill summary of a curve: the plain mean of its points (equal weight per
+    point, which equals the trapezoid area only up to the end points' half weight).
+
+    Raises ValueError for an empty or non-finite ``values``."""
+    y = _to_numpy(values).astype(np.float64)
+    if y.ndim != 1 or len(y) == 0:
+        raise ValueError(f"values must be 1-D and non-empty, got shape {y.shape}")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("values contains NaN or infinite values")
+    return float(y.mean())
+
+
+def fraction_to_reach(fractions, values, target: float, tolerance: float = 0.0) -> float:
+    """The first fraction at which ``values`` gets within ``tolerance`` of ``target``
+    (``value >= target - tolerance``), NaN when it never does.
+
+    Args: ``fractions`` ascending 1-D; ``values`` same shape; ``target`` e.g. new/new's mAP;
+    ``tolerance`` >= 0 (e.g. 0.005 for 0.5 mAP points). Raises ValueError on bad shapes,
+    unsorted fractions or a negative tolerance."""
+    x = _to_numpy(fractions).astype(np.float64)
+    y = _to_numpy(values).astype(np.float64)
+    if x.ndim != 1 or y.shape != x.shape or len(x) == 0:
+        raise ValueError(f"fractions {x.shape} and values {y.shape} must be 1-D of equal length")
+    if np.any(np.diff(x) < 0):
+        raise ValueError("fractions must be sorted in ascending order")
+    if not np.isfinite(target):
+        raise ValueError(f"target must be finite, got {target}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    hit = np.flatnonzero(y >= target - tolerance)
+    return float(x[hit[0]]) if len(hit) else float("nan")
+
+
 def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_labels,
                    gallery_labels, *, fractions=None, batch_ids=None, query_ids=None,
-                   gallery_ids=None, topk: Sequence[int] = (1, 5)) -> pd.DataFrame:
+                   gallery_ids=None, topk: Sequence[int] = (1, 5), distance: str = "cosine",
+                   transformed_scale=None, transformed_bias=None,
+                   dtype: str = "float64") -> pd.DataFrame:
     """Retrieval metrics along a backfill of ``order``.
 
     Args: ``order`` a permutation of gallery row indices (first = backfilled first);
     ``transformed_gallery``/``new_gallery`` (N x d) h(old) and new embeddings of the gallery;
     ``query_emb`` (Q x d) new-model queries; labels 1-D; ``query_ids``/``gallery_ids`` for
-    leave-one-out (see :func:`fastfill_udfs.metrics.retrieval_metrics`).
+    leave-one-out (see :func:`fastfill_udfs.metrics.retrieval_metrics`); ``distance``
+    ``"cosine"`` or ``"l2"``; ``transformed_scale``/``transformed_bias`` (scalars or one entry
+    per gallery item) a score correction applied to the items that are still transformed
+    (a calibrated mixed gallery, :mod:`fastfill_udfs.calibration`; backfilled items are scored
+    plainly, so the end point t=1 is new/new whatever the correction); ``dtype`` of the
+    similarities (see ``retrieval_metrics``).
     Evaluates either at ``fractions`` (ascending, in [0, 1]; default 0, 0.1, ..., 1; the first
     ``round(t * N)`` items backfilled, halves rounded up) or, with ``batch_ids`` (per-rank batch
     ids, non-decreasing along ``order``), at t = 0 and after each batch; never both.
@@ -105,6 +160,9 @@ def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_lab
             raise ValueError("fractions must be sorted in ascending order")
         n_back = np.floor(frac * n + 0.5).astype(np.int64)
 
+    t_scale = _item_array(transformed_scale, n, 1.0, "transformed_scale")
+    t_bias = _item_array(transformed_bias, n, 0.0, "transformed_bias")
+    corrected = transformed_scale is not None or transformed_bias is not None
     rows = []
     gallery = t_g.copy()
     done = 0
@@ -112,9 +170,13 @@ def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_lab
         if k > done:                                     # fractions are ascending: only add
             idx = o[done:k]
             gallery[idx] = n_g[idx]
+            t_scale[idx], t_bias[idx] = 1.0, 0.0
             done = k
         m = retrieval_metrics(query_emb, query_labels, gallery, gallery_labels,
-                              query_ids=query_ids, gallery_ids=gallery_ids, topk=topk)
+                              query_ids=query_ids, gallery_ids=gallery_ids, topk=topk,
+                              distance=distance, dtype=dtype,
+                              gallery_scale=t_scale if corrected else None,
+                              gallery_bias=t_bias if corrected else None)
         row = {"backfill_fraction": float(t), "n_backfilled": int(k), "mAP": m["mAP"]}
         row.update({f"top{kk}": m[f"top{kk}"] for kk in topk})
         rows.append(row)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastfill_udfs.losses import alignment_loss, fastfill_loss, fct_loss, l2_per_item
-from fastfill_udfs.models import Transformation, sigma_from_s
+from fastfill_udfs.models import Transformation, make_uncertainty_head, sigma_from_s
 from fastfill_udfs.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,109 @@ def train_transformation(old: np.ndarray, new: np.ndarray, labels: np.ndarray | 
     h.eval()
     h.fold_output_scale(scale)
     return h.cpu(), history
+
+
+def fit_uncertainty_head(h: Transformation, old: np.ndarray, new: np.ndarray,
+                         labels: np.ndarray, *, new_classifier: nn.Linear, epochs: int = 200,
+                         lr: float = 1e-2, label_smoothing: float = 0.1, weight_decay: float = 0.0,
+                         head_hidden_dim: int = 0, seed: int = 0) -> Transformation:
+    """Cross-fitting: refit `h`'s uncertainty head on pairs `h` was NOT trained on.
+
+    `h`'s embedding MLP stays frozen; a fresh head Linear(new_dim, 1) on h's output is fitted
+    (full batch, Adam) with the FastFill loss ``0.5 exp(-s) L + 0.5 s``, L the per-item
+    alignment loss of the frozen h on these held-out pairs (the same units as in training: new
+    embeddings scaled to unit RMS norm). On training pairs a wide `h` has memorised, L is small
+    and uninformative; on held-out pairs it is the error the gallery will see.
+    Returns a copy of `h` with the new head (h itself is not modified). Raises ValueError for
+    bad inputs or an `h` without uncertainty head."""
+    import copy
+
+    if not h.has_uncertainty:
+        raise ValueError("h has no uncertainty head (trained with objective 'fct')")
+    if len(old) != len(new) or len(old) != len(labels) or len(old) < 2:
+        raise ValueError(f"old ({len(old)}), new ({len(new)}) and labels ({len(labels)}) must "
+                         "have equal length >= 2")
+    if old.shape[1] != h.old_dim or new.shape[1] != h.new_dim:
+        raise ValueError(f"old/new widths {old.shape[1]}/{new.shape[1]} do not fit h "
+                         f"({h.old_dim} -> {h.new_dim})")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    gen = seed_everything(seed)
+    scale = float(np.sqrt(np.mean(np.sum(np.square(new, dtype=np.float64), axis=1)))) or 1.0
+    out = copy.deepcopy(h).eval()
+    with torch.no_grad():
+        pred = out.mlp(torch.from_numpy(np.ascontiguousarray(old, dtype=np.float32)))
+        target = torch.from_numpy(np.ascontiguousarray(new, dtype=np.float32))
+        y = torch.from_numpy(labels.astype(np.int64))
+        per_item = alignment_loss(pred / scale, target / scale, new_classifier.eval()(pred), y,
+                                  label_smoothing)
+    target = torch.log(per_item.clamp_min(1e-8))
+    out.uncertainty_head = _fit_head(pred, lambda s: fastfill_loss(per_item, s), h.new_dim,
+                                     head_hidden_dim, float(target.mean()), epochs, lr,
+                                     weight_decay, gen)
+    out.head_hidden_dim = int(head_hidden_dim)
+    return out
+
+
+def _fit_head(feats: torch.Tensor, loss_fn, new_dim: int, hidden: int, init_bias: float,
+              epochs: int, lr: float, weight_decay: float, gen: torch.Generator) -> nn.Module:
+    """Full-batch Adam fit of a fresh head on fixed features (h's raw-scale output, standardised
+    inside by folding the feature mean/std into the first layer afterwards)."""
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    head = make_uncertainty_head(new_dim, hidden)
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 1.0 / np.sqrt(m.in_features), generator=gen)
+                m.bias.zero_()
+        last = head if isinstance(head, nn.Linear) else head[-1]
+        last.weight.mul_(1e-2)
+        last.bias.fill_(init_bias)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        loss = loss_fn(head(z).squeeze(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():                          # head(z) == head'(feats)
+        first = head if isinstance(head, nn.Linear) else head[0]
+        first.bias.sub_((first.weight / sd) @ mu)
+        first.weight.div_(sd)
+    return head.eval()
+
+
+def fit_benefit_head(h: Transformation, old: np.ndarray, benefit: np.ndarray, *,
+                     head_hidden_dim: int = 64, epochs: int = 300, lr: float = 1e-2,
+                     weight_decay: float = 1e-4, seed: int = 0) -> Transformation:
+    """Give `h` a head that ranks items by their predicted retrieval benefit of backfilling.
+
+    `benefit` (N,) is the realised benefit of backfilling each of N held-out items (e.g.
+    :func:`fastfill_udfs.reachability.item_map_benefit` on held-out pairs `h` was not trained
+    on); the head on h's (frozen) output regresses its rank, scaled to [-3, 3], by least squares,
+    so only the order matters. The head's output takes the place of s, so sigma = exp(s / 2)
+    orders items exactly like the predicted benefit and the ``uncertainty`` policy needs no
+    change. Returns a copy of `h`. Raises ValueError for bad inputs."""
+    import copy
+
+    if len(old) != len(benefit) or len(old) < 2:
+        raise ValueError(f"old ({len(old)}) and benefit ({len(benefit)}) must have equal "
+                         "length >= 2")
+    if old.shape[1] != h.old_dim:
+        raise ValueError(f"old width {old.shape[1]} does not fit h ({h.old_dim})")
+    b = np.asarray(benefit, dtype=np.float64)
+    if not np.all(np.isfinite(b)):
+        raise ValueError("benefit contains NaN or infinite values")
+    gen = seed_everything(seed)
+    out = copy.deepcopy(h).eval()
+    ranks = np.argsort(np.argsort(b, kind="stable"), kind="stable")
+    target = torch.from_numpy(6.0 * (ranks + 0.5) / len(b) - 3.0).float()
+    with torch.no_grad():
+        feats = out.mlp(torch.from_numpy(np.ascontiguousarray(old, dtype=np.float32)))
+    out.uncertainty_head = _fit_head(feats, lambda s: (s - target).pow(2).mean(), h.new_dim,
+                                     head_hidden_dim, 0.0, epochs, lr, weight_decay, gen)
+    out.head_hidden_dim = int(head_hidden_dim)
+    return out
 
 
 @torch.inference_mode()

@@ -248,3 +248,29 @@ def test_empty_index_and_all_missing_labels():
     index.build([0, 1], np.eye(2, 4))
     got = evaluate_index(index, np.ones((2, 4)), [None, 5], {0: 1, 1: 2})
     assert got.metrics()["n_queries"] == 0 and np.isnan(got.metrics()["top1"])
+
+
+@pytest.mark.parametrize("num_shards,threads", [(1, 1), (3, 2)])
+def test_l2_space_equals_retrieval_metrics_by_l2_with_ties(num_shards, threads):
+    """evaluation.distance=l2: the sharded search ranks by raw L2 distance exactly as the
+    float64 scorer does (ties and leave-one-out included), and differs from cosine."""
+    from fastfill_udfs.faiss_index import VectorSpace
+
+    n = 800
+    x, labels = _tied_gallery(n, 10, seed=11)
+    x = x * np.random.default_rng(12).uniform(0.5, 3.0, size=(n, 1))   # norms matter for L2
+    x32 = x.astype(np.float32).astype(np.float64)
+    keys = np.arange(n, dtype=np.int64) * 2 + 5
+    index = ShardedGalleryIndex(10, num_shards=num_shards,
+                                space=VectorSpace("l2")).build(keys, x)
+    assert index.index_dim == 11
+    got = evaluate_index(index, x32, labels, dict(zip(keys.tolist(), labels)), query_keys=keys,
+                         topk=(1, 5), block_size=100, threads=threads).metrics()
+    ref = retrieval_metrics(x32, labels, x32, labels, query_ids=keys, gallery_ids=keys,
+                            topk=(1, 5), distance="l2")
+    _assert_same(got, ref, 1e-9)
+    cosine = retrieval_metrics(x32, labels, x32, labels, query_ids=keys, gallery_ids=keys,
+                               topk=(1, 5))
+    assert abs(cosine["mAP"] - ref["mAP"]) > 1e-4
+    with pytest.raises(ValueError, match="evaluation.distance"):
+        VectorSpace("manhattan")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from fastfill_udfs.metrics import ranked_metrics, retrieval_metrics
+from fastfill_udfs.metrics import ranked_metrics, retrieval_metrics, similarity_scores
 
 
 # ----------------------------------------------------------------------------- reference
@@ -16,13 +16,27 @@ def _normalise(x):
     return x / np.where(n > 0, n, 1.0)
 
 
-def _reference(q, ql, g, gl, qids=None, gids=None, ks=(1, 5)):
-    """Per-query loop: sklearn AP; top-k by 'some relevant item scores >= the k-th score'."""
-    qn, gn = _normalise(q), _normalise(g)
+def _cosine(qi, g):
+    return (_normalise(g) * _normalise(qi[None])[0]).sum(axis=1)   # row-wise: duplicates tie
+
+
+def _neg_sq_l2(qi, g):
+    return -((np.asarray(g, np.float64) - qi) ** 2).sum(axis=1)
+
+
+def _reference(q, ql, g, gl, qids=None, gids=None, ks=(1, 5), score=_cosine, scale=None,
+               bias=None):
+    """Per-query loop: sklearn AP; top-k by 'some relevant item scores >= the k-th score'.
+    `score(q_i, g)` gives one query's similarities; optional per-item scale/bias on top."""
+    q = np.asarray(q, np.float64)
     aps, hits = [], {k: [] for k in ks}
-    for i in range(len(qn)):
-        s = (gn * qn[i]).sum(axis=1)          # row-wise: identical rows give identical scores
-        keep = np.ones(len(gn), bool) if qids is None else (np.asarray(gids) != qids[i])
+    for i in range(len(q)):
+        s = score(q[i], g)
+        if scale is not None:
+            s = s * scale
+        if bias is not None:
+            s = s + bias
+        keep = np.ones(len(g), bool) if qids is None else (np.asarray(gids) != qids[i])
         s, y = s[keep], np.asarray(gl)[keep] == ql[i]
         if not y.any():
             continue
@@ -178,6 +192,68 @@ def test_bad_shapes_are_named():
         retrieval_metrics(np.array([[np.nan, 0.0]]), [0], np.eye(2), [0, 0])
 
 
+# ----------------------------------------------------------------------------- distance, correction
+def test_l2_matches_sklearn_on_negative_squared_distance():
+    rng = np.random.default_rng(4)
+    g = rng.normal(size=(400, 12)) * rng.uniform(0.2, 3.0, size=(400, 1))   # norms vary
+    g[350:] = g[:50]                                  # duplicates tie
+    labels = rng.integers(0, 6, 400)
+    ids = np.arange(400)
+    want, _ = _reference(g, labels, g, labels, ids, ids, score=_neg_sq_l2)
+    got = retrieval_metrics(g, labels, g, labels, query_ids=ids, gallery_ids=ids, distance="l2")
+    _assert_close(got, want)
+    # and it is a different metric from cosine on these vectors
+    cos = retrieval_metrics(g, labels, g, labels, query_ids=ids, gallery_ids=ids)
+    assert abs(cos["mAP"] - got["mAP"]) > 1e-3
+
+
+def test_l2_with_exact_ties_matches_sklearn(tied_data):
+    g, labels, ids = tied_data                        # dyadic: every distance exact
+    want, _ = _reference(g, labels, g, labels, ids, ids, score=_neg_sq_l2)
+    got = retrieval_metrics(g, labels, g, labels, query_ids=ids, gallery_ids=ids, distance="l2")
+    _assert_close(got, want)
+
+
+def test_l2_hand_made_ranks_by_distance_not_angle():
+    q = np.array([[1.0, 0.0]])
+    g = np.array([[10.0, 0.0], [1.0, 0.5]])           # same direction but far; close at an angle
+    assert retrieval_metrics(q, [1], g, [0, 1], topk=(1,))["top1"] == 0.0
+    assert retrieval_metrics(q, [1], g, [0, 1], topk=(1,), distance="l2")["top1"] == 1.0
+
+
+@pytest.mark.parametrize("distance, score", [("cosine", _cosine), ("l2", _neg_sq_l2)])
+def test_score_correction_matches_reference(distance, score):
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(300, 10)) * rng.uniform(0.5, 2.0, size=(300, 1))
+    g[250:] = g[:50]
+    labels = rng.integers(0, 5, 300)
+    ids = np.arange(300)
+    scale = np.where(rng.random(300) < 0.5, 1.0, rng.uniform(0.5, 1.5))     # two "sources"
+    scale[250:] = scale[:50]
+    bias = rng.normal(scale=0.3 if distance == "cosine" else 10.0, size=300)
+    want, _ = _reference(g, labels, g, labels, ids, ids, score=score, scale=scale, bias=bias)
+    got = retrieval_metrics(g, labels, g, labels, query_ids=ids, gallery_ids=ids,
+                            distance=distance, gallery_scale=scale, gallery_bias=bias)
+    _assert_close(got, want)
+    plain = retrieval_metrics(g, labels, g, labels, query_ids=ids, gallery_ids=ids,
+                              distance=distance)
+    assert abs(plain["mAP"] - got["mAP"]) > 1e-3     # the correction changed the ranking
+    # a scalar scale and zero bias changes nothing
+    same = retrieval_metrics(g, labels, g, labels, query_ids=ids, gallery_ids=ids,
+                             distance=distance, gallery_scale=2.0, gallery_bias=0.0)
+    assert same == pytest.approx(plain, abs=1e-12)
+
+
+def test_distance_and_correction_errors_are_named():
+    g = np.eye(2)
+    with pytest.raises(ValueError, match="distance"):
+        retrieval_metrics(g, [0, 0], g, [0, 0], distance="dot")
+    with pytest.raises(ValueError, match="gallery_scale"):
+        retrieval_metrics(g, [0, 0], g, [0, 0], gallery_scale=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="gallery_bias"):
+        retrieval_metrics(g, [0, 0], g, [0, 0], gallery_bias=[np.nan, 0.0])
+
+
 # ----------------------------------------------------------------------------- ranked_metrics
 def _full_ranking(q, ql, g, gl, qids, gids):
     s = _normalise(q) @ _normalise(g).T
@@ -235,3 +311,14 @@ def test_ranked_metrics_errors():
         ranked_metrics(s, np.array([[True]]), [1])
     with pytest.raises(ValueError, match="n_relevant"):
         ranked_metrics(s, np.array([[True, False]]), [1, 2])
+
+
+@pytest.mark.parametrize("distance, score", [("cosine", _cosine), ("l2", _neg_sq_l2)])
+def test_similarity_scores_are_the_ranked_scores(distance, score):
+    rng = np.random.default_rng(6)
+    q, g = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
+    scale, bias = rng.uniform(0.5, 2.0, 7), rng.normal(size=7)
+    want = np.stack([score(qi, g) for qi in q])
+    assert similarity_scores(q, g, distance=distance) == pytest.approx(want, abs=1e-12)
+    got = similarity_scores(q, g, distance=distance, gallery_scale=scale, gallery_bias=bias)
+    assert got == pytest.approx(want * scale + bias, abs=1e-12)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fastfill_udfs.policies import (POLICIES, assign_batches, batch_id_for_rank, batch_sizes,
+                                    fit_prototypes, prototype_scores,
                                     order_scores, random_scores_for_ids, rank_order)
 
 
@@ -63,7 +64,7 @@ def test_policy_errors_name_the_problem():
         order_scores("oracle", transformed=np.ones((2, 2)))
     with pytest.raises(ValueError, match="new shape"):
         order_scores("oracle", transformed=np.ones((2, 2)), new=np.ones((3, 2)))
-    assert POLICIES == ("uncertainty", "random", "oracle")
+    assert POLICIES == ("uncertainty", "random", "oracle", "prototype")
 
 
 # ----------------------------------------------------------------------------- rank_order
@@ -146,3 +147,35 @@ def test_rank_and_n_items_errors():
         batch_id_for_rank(np.array([0.5]), 10, batch_size=3)
     with pytest.raises(ValueError, match="n_items"):
         assign_batches(-1, batch_size=3)
+
+
+# ----------------------------------------------------------------------------- prototype
+def test_prototypes_and_scores_hand_made():
+    new = np.array([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    labels = np.array(["a", "a", "b", "b"])
+    p = fit_prototypes(new, labels)                       # cosine: unit class directions
+    assert p["classes"] == ["a", "b"]
+    np.testing.assert_allclose(p["prototypes"], [[1.0, 0.0], [0.0, 1.0]])
+    t = np.array([[5.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    s = order_scores("prototype", transformed=t, prototypes=p)
+    np.testing.assert_allclose(s, [0.0, 1 - np.sqrt(0.5), 1.0], atol=1e-12)
+    assert rank_order(s).tolist() == [2, 1, 0]            # atypical first
+    pl = fit_prototypes(new, labels, distance="l2")       # raw means (3, 0) and (0, 2)
+    np.testing.assert_allclose(pl["prototypes"], [[3.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(prototype_scores(t, pl), [2.0, np.sqrt(2.0), np.sqrt(13.0)], atol=1e-12)
+    import json
+    assert json.loads(json.dumps(p)) == p                  # stored with h as JSON
+
+
+def test_prototype_errors_and_l2_oracle():
+    with pytest.raises(ValueError, match="prototypes"):
+        order_scores("prototype", transformed=np.eye(2))
+    with pytest.raises(ValueError, match="dim"):
+        prototype_scores(np.eye(3), fit_prototypes(np.eye(2), [0, 1]))
+    with pytest.raises(ValueError, match="distance"):
+        fit_prototypes(np.eye(2), [0, 1], distance="dot")
+    with pytest.raises(ValueError, match="labels"):
+        fit_prototypes(np.eye(2), [0, None])
+    s = order_scores("oracle", transformed=np.array([[1.0, 0.0]]), new=np.array([[3.0, 0.0]]),
+                     distance="l2")
+    np.testing.assert_allclose(s, [2.0])

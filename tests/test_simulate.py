@@ -6,7 +6,7 @@ import pytest
 
 from fastfill_udfs.metrics import retrieval_metrics
 from fastfill_udfs.policies import assign_batches, order_scores, rank_order
-from fastfill_udfs.simulate import backfill_curve, curve_auc
+from fastfill_udfs.simulate import backfill_curve, curve_auc, curve_mean, fraction_to_reach
 
 
 # ----------------------------------------------------------------------------- curve_auc
@@ -121,3 +121,37 @@ def test_curve_errors(gallery):
         _curve(gallery, np.arange(n), fractions=[0, 1.5])
     with pytest.raises(ValueError, match="new_gallery"):
         backfill_curve(np.arange(n), transformed, new[:-1], new, labels, labels)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_corrected_curve_keeps_end_points_and_scores_mixed_points(gallery, distance):
+    new, transformed, labels, ids = gallery
+    n = len(new)
+    order = np.random.default_rng(2).permutation(n)
+    bias = np.random.default_rng(3).normal(size=n) * (0.2 if distance == "cosine" else 20.0)
+    df = _curve(gallery, order, fractions=[0, 0.5, 1.0], distance=distance,
+                transformed_scale=0.7, transformed_bias=bias)
+    plain = _curve(gallery, order, fractions=[0, 0.5, 1.0], distance=distance)
+    # t=1: every item is new, the correction is gone
+    assert df["mAP"].iloc[-1] == pytest.approx(plain["mAP"].iloc[-1], abs=1e-12)
+    # t=0.5: backfilled items plain, the others corrected
+    k = int(df["n_backfilled"].iloc[1])
+    mixed, scale, b = transformed.copy(), np.full(n, 0.7), bias.copy()
+    mixed[order[:k]], scale[order[:k]], b[order[:k]] = new[order[:k]], 1.0, 0.0
+    want = retrieval_metrics(new, labels, mixed, labels, query_ids=ids, gallery_ids=ids,
+                             distance=distance, gallery_scale=scale, gallery_bias=b)
+    assert df["mAP"].iloc[1] == pytest.approx(want["mAP"], abs=1e-12)
+    assert df["mAP"].iloc[1] != pytest.approx(plain["mAP"].iloc[1], abs=1e-6)
+
+
+def test_curve_mean_and_fraction_to_reach():
+    assert curve_mean([0.5, 0.7, 0.9]) == pytest.approx(0.7)
+    x = [0.0, 0.25, 0.5, 0.75, 1.0]
+    y = [0.70, 0.76, 0.795, 0.80, 0.80]
+    assert fraction_to_reach(x, y, 0.80, 0.005) == 0.5
+    assert fraction_to_reach(x, y, 0.80) == 0.75
+    assert np.isnan(fraction_to_reach(x, y, 0.90, 0.005))
+    with pytest.raises(ValueError, match="tolerance"):
+        fraction_to_reach(x, y, 0.8, -1)
+    with pytest.raises(ValueError, match="values"):
+        curve_mean([])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastfill_udfs.training import (OBJECTIVES, PrototypeHead, cosine_with_warmup,
+                                    fit_benefit_head, fit_uncertainty_head,
                                     train_transformation, transform)
 
 
@@ -134,3 +135,49 @@ def test_prototype_head_is_cosine_to_class_means_over_temperature():
         PrototypeHead.from_embeddings(new, np.array([0, 0, 2, 2]), num_classes=2)
     with pytest.raises(ValueError, match="temperature must be positive"):
         PrototypeHead(torch.ones(2, 2), temperature=0.0)
+
+
+def _held_out_problem():
+    """h learns a linear map on clean pairs; on held-out pairs a region of the old space
+    (old[:, 1] > 0.5) is noisy, which the training pairs never showed."""
+    old, new, rng = _linear_problem(n=1536)
+    torch.manual_seed(0)
+    classifier = nn.Linear(new.shape[1], 3)
+    with torch.no_grad():
+        labels = classifier(torch.from_numpy(new)).argmax(1).numpy()
+    h, _ = train_transformation(old[:768], new[:768], labels[:768], objective="fastfill",
+                                new_classifier=classifier, hidden_dim=64, num_hidden_layers=1,
+                                epochs=30, batch_size=128, lr=5e-3, warmup_epochs=1, seed=0)
+    o2, n2, y2 = old[768:], new[768:].copy(), labels[768:]
+    noisy = o2[:, 1] > 0.5
+    n2 += noisy[:, None] * rng.standard_normal(n2.shape).astype(np.float32) * 15.0
+    return h, classifier, o2, n2, y2, noisy
+
+
+@pytest.mark.parametrize("head_hidden_dim", [0, 16])
+def test_cross_fitted_head_finds_what_training_pairs_did_not_show(head_hidden_dim):
+    h, classifier, old, new, labels, noisy = _held_out_problem()
+    before = {k: v.clone() for k, v in h.state_dict().items()}
+    _, sigma_trained = transform(h, old)
+    h2 = fit_uncertainty_head(h, old[::2], new[::2], labels[::2], new_classifier=classifier,
+                              head_hidden_dim=head_hidden_dim)
+    emb, sigma = transform(h2, old[1::2])                 # items the head did not see
+    top = np.argsort(-sigma)[: int(noisy[1::2].sum())]
+    assert noisy[1::2][top].mean() > 0.8
+    top_trained = np.argsort(-sigma_trained[1::2])[: int(noisy[1::2].sum())]
+    assert noisy[1::2][top_trained].mean() < 0.7         # the trained head could not know
+    np.testing.assert_allclose(emb, transform(h, old[1::2])[0], atol=1e-6)   # h's map kept
+    assert all(torch.equal(before[k], v) for k, v in h.state_dict().items())  # h untouched
+    assert h2.head_hidden_dim == head_hidden_dim
+
+
+def test_benefit_head_orders_like_the_benefit():
+    h, _, old, _, _, noisy = _held_out_problem()
+    benefit = old[:, 1] + 0.1 * np.random.default_rng(1).standard_normal(len(old))
+    h2 = fit_benefit_head(h, old[::2], benefit[::2], head_hidden_dim=16, seed=0)
+    _, sigma = transform(h2, old[1::2])
+    rank_corr = np.corrcoef(np.argsort(np.argsort(sigma)),
+                            np.argsort(np.argsort(benefit[1::2])))[0, 1]
+    assert rank_corr > 0.8
+    with pytest.raises(ValueError, match="benefit"):
+        fit_benefit_head(h, old[:3], np.array([0.0, np.nan, 1.0]))

@@ -3,21 +3,28 @@ then compare backfilling curves in memory on the gallery split. `run_study` is p
 computation; `study_job` adds MLflow logging, model registration and files."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from fastfill_udfs.calibration import item_correction
 from fastfill_udfs.config import Config
+from fastfill_udfs.data import stratified_subset
 from fastfill_udfs.demo.cnn import EmbeddingCNN, train_embedding_model
 from fastfill_udfs.demo.protocol import Split, load_split, old_model_subset
 from fastfill_udfs.inference import BatchEmbedder
 from fastfill_udfs.metrics import retrieval_metrics
 from fastfill_udfs.models import Transformation
-from fastfill_udfs.policies import assign_batches, batching_from_config, order_scores, rank_order
-from fastfill_udfs.simulate import backfill_curve, curve_auc
+from fastfill_udfs.order_fitting import fit_h_extras
+from fastfill_udfs.policies import (assign_batches, batching_from_config, fit_prototypes,
+                                    order_scores, rank_order)
+from fastfill_udfs.simulate import backfill_curve, curve_auc, curve_mean, fraction_to_reach
 from fastfill_udfs.training import History, train_transformation, transform
 
 log = logging.getLogger(__name__)
@@ -26,8 +33,10 @@ log = logging.getLogger(__name__)
 STUDY_POLICIES = {
     "fct_random": ("fct", "random"),
     "fastfill_random": ("fastfill", "random"),
-    "fastfill_uncertainty": ("fastfill", "uncertainty"),
-    "fastfill_oracle": ("fastfill", "oracle"),
+    "fastfill_uncertainty": ("fastfill", "uncertainty"),        # the paper's sigma head
+    "fastfill_benefit": ("fastfill_benefit", "uncertainty"),    # head refit to the benefit
+    "fastfill_prototype": ("fastfill", "prototype"),            # classifier-free
+    "fastfill_oracle": ("fastfill", "oracle"),                  # needs the new embeddings
 }
 
 
@@ -35,37 +44,117 @@ STUDY_POLICIES = {
 class TrainedModels:
     old: EmbeddingCNN
     new: EmbeddingCNN
-    h: dict[str, Transformation]                     # objective -> h
+    h: dict[str, Transformation]                     # fct | fastfill | fastfill_benefit -> h
     histories: dict[str, History] = field(default_factory=dict)
+    holdout: np.ndarray | None = None                # train-split rows no model trained on
+
+    def registered_h(self, cfg: Config) -> Transformation:
+        """The h the Spark jobs use: of `transformation.objective`, with the order head of
+        `transformation.order_head` (benefit: the refit head)."""
+        if cfg.get_path("transformation.objective") == "fct":
+            return self.h["fct"]
+        if cfg.get_path("transformation.order_head") == "benefit":
+            return self.h["fastfill_benefit"]
+        return self.h["fastfill"]
+
+
+def holdout_rows(cfg: Config, train: Split) -> np.ndarray:
+    """Rows of the train split held out from every model (demo.holdout_items, stratified and
+    seeded): h's order head and calibration are fitted on them."""
+    n = int(cfg.get_path("demo.holdout_items"))
+    if n < 0 or n >= len(train.labels):
+        raise ValueError(f"demo.holdout_items must be in [0, {len(train.labels)}), got {n}")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    return stratified_subset(train.labels, n, 10_000 + int(cfg.get_path("seed")))
+
+
+def cnn_cache_key(role: str, images, labels, num_classes: int, m: dict, seed: int) -> str:
+    """The study.model_cache key of a demo CNN: its settings, seed and training rows."""
+    digest = hashlib.sha1(np.ascontiguousarray(labels).tobytes())
+    digest.update(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
+    settings = {k: m[k] for k in ("channels", "embedding_dim", "epochs", "batch_size", "lr",
+                                  "label_smoothing")}
+    return hashlib.sha1(json.dumps({"role": role, "m": settings, "seed": seed, "n": len(labels),
+                                    "classes": num_classes, "rows": digest.hexdigest()},
+                                   sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _cached_cnn(cfg: Config, role: str, images, labels, num_classes: int, m: dict, seed: int):
+    """Train the demo CNN `role` (or load it from study.model_cache, keyed by its settings, the
+    seed and its training rows)."""
+    folder = cfg.get_path("study.model_cache")
+    key = None
+    if folder:
+        key = cnn_cache_key(role, images, labels, num_classes, m, seed)
+        path = Path(cfg.resolve_path("study.model_cache")) / f"{role}_{key}.pt"
+        if path.is_file():
+            model = EmbeddingCNN(m["channels"], m["embedding_dim"], num_classes,
+                                 in_channels=1 if images.ndim == 3 else images.shape[-1])
+            model.load_state_dict(torch.load(path, weights_only=True))
+            log.info("%s model: loaded from the study cache %s", role, path)
+            return model.eval(), History()
+    model, hist = train_embedding_model(
+        images, labels, num_classes=num_classes, channels=m["channels"],
+        embedding_dim=m["embedding_dim"], epochs=m["epochs"], batch_size=m["batch_size"],
+        lr=m["lr"], label_smoothing=m["label_smoothing"], seed=seed, name=f"{role} model")
+    if key is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model, hist
 
 
 def train_all(cfg: Config, train: Split) -> TrainedModels:
     """Train the old CNN (seen classes, optional minority under-sampling), the new CNN (all
-    classes) and `h` for each objective needed by `study.policies`."""
+    classes) and `h` for each objective needed by `study.policies`, all on the train split
+    minus the hold-out rows; then fit the FastFill h's order head, calibration and class
+    prototypes on the hold-out rows (:func:`fastfill_udfs.order_fitting.fit_h_extras`)."""
     seed = cfg.get_path("seed")
     old_cfg, new_cfg = cfg.get_path("demo.old_model"), cfg.get_path("demo.new_model")
-    keep, old_labels = old_model_subset(train, cfg)
-    log.info("old model: %d training images, classes %s", len(keep), old_cfg["classes"])
-    old, old_hist = train_embedding_model(
-        train.images[keep], old_labels, num_classes=len(old_cfg["classes"]),
-        channels=old_cfg["channels"], embedding_dim=old_cfg["embedding_dim"],
-        epochs=old_cfg["epochs"], batch_size=old_cfg["batch_size"], lr=old_cfg["lr"],
-        label_smoothing=old_cfg["label_smoothing"], seed=seed, name="old model")
+    held = holdout_rows(cfg, train)
+    fit = np.setdiff1d(np.arange(len(train.labels)), held)
+    fit_split = Split(train.images[fit], train.labels[fit], train.ids[fit], train.subgroups[fit])
+    keep_fit, old_labels = old_model_subset(fit_split, cfg)
+    keep = fit[keep_fit]
+    log.info("old model: %d training images, classes %s; %d rows held out", len(keep),
+             old_cfg["classes"], len(held))
+    old, old_hist = _cached_cnn(cfg, "old", train.images[keep], old_labels,
+                                len(old_cfg["classes"]), old_cfg, seed)
     num_classes = int(train.labels.max()) + 1
-    new, new_hist = train_embedding_model(
-        train.images, train.labels, num_classes=num_classes, channels=new_cfg["channels"],
-        embedding_dim=new_cfg["embedding_dim"], epochs=new_cfg["epochs"],
-        batch_size=new_cfg["batch_size"], lr=new_cfg["lr"],
-        label_smoothing=new_cfg["label_smoothing"], seed=seed + 1, name="new model")
+    new, new_hist = _cached_cnn(cfg, "new", train.images[fit], train.labels[fit], num_classes,
+                                new_cfg, seed + 1)
     old_emb, new_emb = embed(old, train.images), embed(new, train.images)
-    objectives = sorted({STUDY_POLICIES[p][0] for p in cfg.get_path("study.policies")}
+    objectives = sorted({STUDY_POLICIES[p][0].split("_")[0] for p in cfg.get_path("study.policies")}
                         | {cfg.get_path("transformation.objective")})
-    h_rows = h_training_rows(cfg, len(train.labels), keep)
+    h_rows = np.intersect1d(h_training_rows(cfg, len(train.labels), keep), fit)
     hs, histories = {}, {"old": old_hist, "new": new_hist}
     for objective in objectives:
         hs[objective], histories[f"h_{objective}"] = fit_h(
             cfg, old_emb[h_rows], new_emb[h_rows], train.labels[h_rows], new, objective)
-    return TrainedModels(old, new, hs, histories)
+    if "fastfill" in hs:
+        t, distance = cfg.get_path("transformation"), cfg.get_path("evaluation.distance")
+        needs_benefit = any(STUDY_POLICIES[p][0] == "fastfill_benefit"
+                            for p in cfg.get_path("study.policies")) \
+            or t["order_head"] == "benefit"
+        if len(held) == 0 and not needs_benefit and t["calibration"] == "none":
+            # nothing to fit on held-out pairs: only the prototypes, from h's training rows
+            hs["fastfill"].prototypes = fit_prototypes(new_emb[h_rows], train.labels[h_rows],
+                                                       distance=distance)
+            return TrainedModels(old, new, hs, histories, held)
+        if len(held) < 4:
+            raise ValueError("the benefit order head and the calibration are fitted on "
+                             "held-out rows: set demo.holdout_items (e.g. 10000), or "
+                             "transformation.order_head=sigma and calibration=none")
+        extras = dict(calibration=t["calibration"], distance=distance,
+                      head_hidden_dim=t["order_head_hidden"], prototype_new=new_emb[h_rows],
+                      prototype_labels=train.labels[h_rows], seed=seed + 3)
+        hs["fastfill"] = fit_h_extras(hs["fastfill"], old_emb[held], new_emb[held],
+                                      train.labels[held], order_head="sigma", **extras)
+        if needs_benefit:
+            hs["fastfill_benefit"] = fit_h_extras(hs["fastfill"], old_emb[held], new_emb[held],
+                                                  train.labels[held], order_head="benefit",
+                                                  **extras)
+    return TrainedModels(old, new, hs, histories, held)
 
 
 H_TRAIN_DATA = ("all", "old_model")
@@ -96,46 +185,87 @@ def embed(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> 
 
 
 def reference_points(q_new, g_old, g_new, g_transformed: dict, split: Split,
-                     topk=(1, 5)) -> pd.DataFrame:
+                     topk=(1, 5), distance: str = "cosine") -> pd.DataFrame:
     """old/old, new/new and the t=0 compatibility (new queries vs h(old) gallery) per h."""
     def m(q, g):
         return retrieval_metrics(q, split.labels, g, split.labels, query_ids=split.ids,
-                                 gallery_ids=split.ids, topk=topk)
+                                 gallery_ids=split.ids, topk=topk, distance=distance)
     rows = [{"setting": "old/old", **m(g_old, g_old)}, {"setting": "new/new", **m(q_new, g_new)}]
     for objective, g in sorted(g_transformed.items()):
         rows.append({"setting": f"new/h_{objective}(old) (t=0)", **m(q_new, g)})
     return pd.DataFrame(rows)
 
 
+REACH_TOLERANCE = 0.005     # "within 0.5 mAP points of new/new"
+
+
 def study_curves(cfg: Config, test: Split, new_emb, transformed: dict, sigma: dict,
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Backfilling curves (at batch boundaries of backfill.batch_size) and their AUCs for each
-    study policy. Returns (curves long table, summary table)."""
-    seed = cfg.get_path("seed")
+                 hs: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Backfilling curves (at batch boundaries of backfill.batch_size) and their summaries for
+    each study policy, by `evaluation.distance`; an h that carries a calibration is scored
+    with it while its items are transformed. Returns (curves long table, summary table):
+    mAP / top-1 AUC (trapezoid) and mean of points (the official summary), t=0, the fraction
+    backfilled when mAP gets within 0.5 points of new/new, closure = (AUC - FCT-random AUC) /
+    (new/new - FCT-random AUC), and the lowest top-1 difference to the random orders."""
+    seed, distance = cfg.get_path("seed"), cfg.get_path("evaluation.distance")
+    topk = tuple(cfg.get_path("evaluation.topk"))
     batch_ids = assign_batches(len(test.ids), **batching_from_config(cfg.get_path("backfill")))
+    hs = hs or {}
+    newnew = retrieval_metrics(new_emb, test.labels, new_emb, test.labels, query_ids=test.ids,
+                               gallery_ids=test.ids, topk=(1,), distance=distance)["mAP"]
     curves, summary = [], []
     for name in cfg.get_path("study.policies"):
-        objective, policy = STUDY_POLICIES[name]
-        scores = order_scores(policy, sigma=sigma.get(objective), transformed=transformed[objective],
-                              new=new_emb, ids=test.ids, seed=seed)
+        key, policy = STUDY_POLICIES[name]
+        h = hs.get(key)
+        scores = order_scores(policy, sigma=sigma.get(key), transformed=transformed[key],
+                              new=new_emb, ids=test.ids, seed=seed, distance=distance,
+                              prototypes=getattr(h, "prototypes", None))
         order = rank_order(scores, test.ids)
-        curve = backfill_curve(order, transformed[objective], new_emb, new_emb, test.labels,
+        correction = {}
+        if getattr(h, "calibration", None):
+            scale, bias = item_correction(h.calibration, np.ones(len(test.ids), bool),
+                                          sigma=sigma.get(key))
+            correction = {"transformed_scale": scale, "transformed_bias": bias}
+        # float32 similarities: about twice as fast on 10k x 10k, and what the Spark
+        # evaluation (faiss) computes; AUCs agree with float64 to ~1e-6
+        curve = backfill_curve(order, transformed[key], new_emb, new_emb, test.labels,
                                test.labels, batch_ids=batch_ids, query_ids=test.ids,
-                               gallery_ids=test.ids, topk=tuple(cfg.get_path("evaluation.topk")))
+                               gallery_ids=test.ids, topk=topk, distance=distance,
+                               dtype="float32", **correction)
         curve.insert(0, "policy", name)
         curves.append(curve)
         first10 = order[: max(1, int(round(0.1 * len(order))))]
+        x = curve.backfill_fraction.to_numpy()
         summary.append({
             "policy": name,
-            "mAP_auc": curve_auc(curve.backfill_fraction, curve.mAP),
-            "top1_auc": curve_auc(curve.backfill_fraction, curve.top1),
+            "mAP_auc": curve_auc(x, curve.mAP), "top1_auc": curve_auc(x, curve.top1),
+            "mAP_mean": curve_mean(curve.mAP), "top1_mean": curve_mean(curve.top1),
             "mAP_t0": float(curve.mAP.iloc[0]), "top1_t0": float(curve.top1.iloc[0]),
+            "reach_0.5pt": fraction_to_reach(x, curve.mAP.to_numpy(), newnew, REACH_TOLERANCE),
             "minority_share_first10pct": float(np.mean(
                 test.subgroups[first10] == cfg.get_path("data.subgroups.minority_name"))),
         })
         log.info("%s: mAP AUC %.4f, top-1 AUC %.4f", name, summary[-1]["mAP_auc"],
                  summary[-1]["top1_auc"])
-    return pd.concat(curves, ignore_index=True), pd.DataFrame(summary)
+    curves_df, summary_df = pd.concat(curves, ignore_index=True), pd.DataFrame(summary)
+    return curves_df, add_closure(summary_df, curves_df, newnew)
+
+
+def add_closure(summary: pd.DataFrame, curves: pd.DataFrame, newnew_map: float) -> pd.DataFrame:
+    """Closure against FCT-random and the lowest top-1 difference to each random order
+    (top1_min_vs_fct_random, top1_min_vs_fastfill_random), where those policies were run."""
+    out = summary.copy()
+    by = {p: c.sort_values("backfill_fraction") for p, c in curves.groupby("policy")}
+    if "fct_random" in by:
+        base = float(out.set_index("policy").loc["fct_random", "mAP_auc"])
+        out["closure"] = (out["mAP_auc"] - base) / (newnew_map - base)
+    for ref_policy in ("fct_random", "fastfill_random"):
+        if ref_policy in by:
+            ref = by[ref_policy].top1.to_numpy()
+            out[f"top1_min_vs_{ref_policy}"] = [
+                float((by[p].top1.to_numpy() - ref).min()) for p in out["policy"]]
+    out["newnew_mAP"] = newnew_map
+    return out
 
 
 @dataclass
@@ -156,11 +286,13 @@ def run_study(cfg: Config) -> StudyResult:
     models = train_all(cfg, train)
     old_test, new_test = embed(models.old, test.images), embed(models.new, test.images)
     transformed, sigma = {}, {}
-    for objective, h in models.h.items():
-        transformed[objective], s = transform(h, old_test)
+    for key, h in models.h.items():
+        transformed[key], s = transform(h, old_test)
         if h.has_uncertainty:
-            sigma[objective] = s
-    refs = reference_points(new_test, old_test, new_test, transformed, test,
-                            tuple(cfg.get_path("evaluation.topk")))
-    curves, summary = study_curves(cfg, test, new_test, transformed, sigma)
+            sigma[key] = s
+    refs = reference_points(new_test, old_test, new_test,
+                            {k: v for k, v in transformed.items() if k in ("fct", "fastfill")},
+                            test, tuple(cfg.get_path("evaluation.topk")),
+                            distance=cfg.get_path("evaluation.distance"))
+    curves, summary = study_curves(cfg, test, new_test, transformed, sigma, models.h)
     return StudyResult(models, refs, curves, summary)

@@ -31,7 +31,9 @@ STUDY_DIR = "study"
 POLICY_LABELS = {
     "fct_random": "FCT-random",
     "fastfill_random": "FastFill-random",
-    "fastfill_uncertainty": "FastFill-uncertainty",
+    "fastfill_uncertainty": "FastFill-uncertainty (paper's sigma)",
+    "fastfill_benefit": "FastFill-uncertainty, benefit head",
+    "fastfill_prototype": "FastFill-prototype (no classifier)",
     "fastfill_oracle": "FastFill-oracle",
 }
 
@@ -49,6 +51,8 @@ def study_params(cfg: Config) -> dict:
         "backfill_batch_size": cfg.get_path("backfill.batch_size"),
         "backfill_num_batches": cfg.get_path("backfill.num_batches"),
         "study_policies": ",".join(cfg.get_path("study.policies")),
+        "holdout_items": cfg.get_path("demo.holdout_items"),
+        "distance": cfg.get_path("evaluation.distance"),
     }
     for name, m in (("old", old), ("new", new)):
         for key in ("embedding_dim", "epochs", "batch_size", "lr", "label_smoothing"):
@@ -126,11 +130,14 @@ def study_markdown(cfg: Config, result: StudyResult, seconds: float | None = Non
         f"**{headline(result.summary)}**", "",
         f"Train items: {'all' if train_limit == 0 else train_limit}; "
         f"gallery = queries = test items: {'all' if test_limit == 0 else test_limit} "
-        "(leave-one-out); queries always use the new model."
+        "(leave-one-out); queries always use the new model; distance "
+        f"{cfg.get_path('evaluation.distance')}."
         + (f" Run time: {format_seconds(seconds)}." if seconds is not None else ""), "",
         "## Reference points", "",
         reporting.markdown_table(_readable_references(result.references)), "",
-        "## Backfilling curves: area under the curve (trapezoid over t in [0, 1])", "",
+        "## Backfilling curves: area under the curve (trapezoid over t in [0, 1]; `_mean`: "
+        "the official mean of the points), fraction to get within 0.5 mAP points of new/new, "
+        "closure against FCT-random", "",
         reporting.markdown_table(_readable_summary(result.summary)), "",
         "![backfilling curves](curves.png)", "",
     ]
@@ -195,9 +202,10 @@ def run_study_job(cfg: Config) -> dict:
         mlflow.log_metrics(metrics)
 
         models = {"old": result.models.old, "new": result.models.new,
-                  **{f"h_{obj}": h for obj, h in sorted(result.models.h.items())}}
+                  **{f"h_{key}": h for key, h in sorted(result.models.h.items())}}
+        registered_h = result.models.registered_h(cfg)
         role_of = {"old": "old", "new": "new",
-                   f"h_{cfg.get_path('transformation.objective')}": "h"}
+                   **{f"h_{k}": "h" for k, h in result.models.h.items() if h is registered_h}}
         uris, registered = {}, {}
         for name, model in models.items():
             uris[name] = model_store.log_model(model, name)

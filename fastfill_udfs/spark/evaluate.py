@@ -182,7 +182,7 @@ class RunEvaluator:
         self.model_version = np.full(n, None, dtype=object)
         self.batch_of = np.full(n, -1, dtype=np.int64)
         self.spec = IndexSpec.from_config(cfg)
-        self.space = VectorSpace()              # evaluation.distance plugs in here (issue 10)
+        self.space = VectorSpace.from_config(cfg)
         self.index: ShardedGalleryIndex | None = None
         self.indexed_batch: int | None = None
         self.indexed_version: int | None = None

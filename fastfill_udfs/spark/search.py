@@ -86,7 +86,7 @@ def build_servable(spark: SparkSession, cfg: Config, run: str, batch: int | None
         labels.to_numpy(dtype=object),
         info={"run": run, "batch_id": batch_id, "features_version": version,
               "features_table": paths.gallery_features, **info},
-        spec=IndexSpec.from_config(cfg), space=VectorSpace())
+        spec=IndexSpec.from_config(cfg), space=VectorSpace.from_config(cfg))
     return served, note
 
 

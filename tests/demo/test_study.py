@@ -37,6 +37,7 @@ def tiny_config(tmp_path):
         "demo.new_model.channels=[4, 8]", "demo.new_model.embedding_dim=24",
         "transformation.hidden_dim=32", "transformation.epochs=2",
         "transformation.batch_size=128", "backfill.batch_size=50",
+        "demo.holdout_items=150",
     ])
 
 
@@ -57,12 +58,15 @@ def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config,
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.policy) == ["fct_random", "fastfill_random", "fastfill_uncertainty",
-                                    "fastfill_oracle"]
-    assert summary[["mAP_auc", "top1_auc"]].apply(np.isfinite).all().all()
+                                    "fastfill_benefit", "fastfill_prototype", "fastfill_oracle"]
+    assert summary[["mAP_auc", "top1_auc", "mAP_mean", "closure"]].apply(np.isfinite).all().all()
+    s = summary.set_index("policy")
+    assert s.loc["fct_random", "closure"] == 0.0
+    assert s.loc["fct_random", "top1_min_vs_fct_random"] == 0.0
     refs = pd.read_csv(out / "references.csv")
     assert {"old/old", "new/new"} <= set(refs.setting)
     curves = pd.read_csv(out / "curves.csv")
-    assert len(curves) == 4 * (200 // 50 + 1)            # t = 0 plus one row per batch
+    assert len(curves) == 6 * (200 // 50 + 1)            # t = 0 plus one row per batch
     md = (out / "study.md").read_text()
     assert "FastFill-uncertainty vs FCT-random" in md and "| FCT-random" in md
     printed = capsys.readouterr().out
@@ -71,7 +75,8 @@ def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config,
         100 * (summary.set_index("policy").mAP_auc["fastfill_uncertainty"]
                - summary.set_index("policy").mAP_auc["fct_random"]))
 
-    assert set(result["model_uris"]) == {"old", "new", "h_fastfill", "h_fct"}
+    assert set(result["model_uris"]) == {"old", "new", "h_fastfill", "h_fastfill_benefit",
+                                         "h_fct"}
     assert result["registered"] == {"old": "models:/fastfill_old/1", "new": "models:/fastfill_new/1",
                                     "h": "models:/fastfill_h/1"}
 
@@ -97,6 +102,10 @@ def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config,
     assert h.version == "models:/fastfill_h/1" and h.run_id == result["run_id"]
     assert isinstance(h.model, Transformation) and h.model.has_uncertainty
     assert (h.model.old_dim, h.model.new_dim) == (16, 24)
+    # the registered h is the one with the benefit head (transformation.order_head), and it
+    # carries its prototypes (and calibration, none here) through the registry
+    assert h.model.head_hidden_dim == 64 and h.model.calibration is None
+    assert len(h.model.prototypes["prototypes"]) == 10
     assert isinstance(load_configured_model(tiny_config, "new").model, EmbeddingCNN)
     assert mlflow.get_experiment(run.info.experiment_id).name == "fastfill-study"
 

@@ -1,0 +1,144 @@
+"""Issue 10, items 3-5 on the VALIDATION split only (the test split is never looked at here).
+
+The validation split (carved from the train split before any training; no CNN or h saw it)
+is cut in two halves A and B. `h` is trained on the rest of the train split. Whatever needs
+fitting beyond h (calibration, a cross-fitted uncertainty head) is fitted on A and the
+backfilling curves are computed on B as the gallery (and, with --swap, the other way round).
+
+    python bench/curve_select.py --scenario new_classes --seed 0 --distance l2
+
+Prints one table per calibration: mAP AUC, closure against FCT-random, the fraction to get
+within 0.5 mAP points of new/new, top-1 AUC and the worst top-1 difference to random order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from curve_lib import CACHE, apply_h, classifier, curve, get_h, load, ref, summarise
+
+from fastfill_udfs.calibration import fit_calibration, identity_calibration, item_correction
+from fastfill_udfs.policies import fit_prototypes, order_scores, rank_order
+from fastfill_udfs.reachability import item_map_benefit
+from fastfill_udfs.training import fit_benefit_head, fit_uncertainty_head
+
+H_DEFAULT = dict(hidden_dim=512, num_hidden_layers=2, epochs=20, batch_size=1024, lr=5e-4,
+                 warmup_epochs=3, freeze_bn_after=0.5, label_smoothing=0.1)
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def scores_for(d, rows, t, sigma, extra):
+    """Order scores computable from h's output (plus small fitted tables)."""
+    W, b = d["W"].astype(np.float64), d["b"].astype(np.float64)
+    p = softmax(t @ W.T + b)
+    ps = np.sort(p, axis=1)
+    out = {"sigma": sigma, "cls_entropy": -(p * np.log(p + 1e-12)).sum(1),
+           "cls_margin": -(ps[:, -1] - ps[:, -2])}
+    for name, protos in extra.get("prototypes", {}).items():
+        out[name] = order_scores("prototype", transformed=t, prototypes=protos)
+    for name, s in extra.get("sigmas", {}).items():
+        out[name] = s
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distance", default="l2")
+    ap.add_argument("--swap", action="store_true", help="fit on B, evaluate on A")
+    ap.add_argument("--h", default="{}", help="JSON overrides of h's settings")
+    ap.add_argument("--orders", default="")
+    ap.add_argument("--calibrations", default="none,affine,affine_sigma")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    d = load(a.scenario, a.seed)
+    hk = {**H_DEFAULT, **json.loads(a.h)}
+    t0 = time.time()
+    hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **hk)
+    hc = get_h(d, "fct", d["fit_idx"], seed=2, **hk)
+    print(f"h ready in {time.time() - t0:.0f} s ({hk})")
+    A, B = (d["valB"], d["valA"]) if a.swap else (d["valA"], d["valB"])
+    dist = a.distance
+    # held-out fit set A
+    tA, sA = apply_h(hf, d["old_train"][A])
+    nA = d["new_train"][A].astype(np.float64)
+    yA, idA = d["y_train"][A], d["train_ids"][A]
+    h_cross = fit_uncertainty_head(hf, d["old_train"][A], d["new_train"][A], yA,
+                                   new_classifier=classifier(d))
+    t1 = time.time()
+    benefit_A = item_map_benefit(nA, yA, tA, nA, yA, query_ids=idA, gallery_ids=idA,
+                                 distance=a.distance)
+    h_benefit = fit_benefit_head(hf, d["old_train"][A], benefit_A)
+    h_benefit_lin = fit_benefit_head(hf, d["old_train"][A], benefit_A, head_hidden_dim=0)
+    print(f"benefit heads fitted in {time.time() - t1:.0f} s")
+    # gallery B
+    tB, sB = apply_h(hf, d["old_train"][B])
+    tcB, _ = apply_h(hc, d["old_train"][B])
+    _, s_cross = apply_h(h_cross, d["old_train"][B])
+    _, s_crossA = apply_h(h_cross, d["old_train"][A])
+    nB = d["new_train"][B].astype(np.float64)
+    yB, idB = d["y_train"][B], d["train_ids"][B]
+    fit_rows = d["fit_idx"]
+    extra = {"prototypes": {"prototype": fit_prototypes(d["new_train"][fit_rows],
+                                                        d["y_train"][fit_rows], distance=dist)},
+             "sigmas": {"sigma_crossfit": s_cross,
+                        "benefit_mlp": apply_h(h_benefit, d["old_train"][B])[1],
+                        "benefit_linear": apply_h(h_benefit_lin, d["old_train"][B])[1]}}
+    sc = scores_for(d, B, tB, sB, extra)
+    sc["oracle"] = order_scores("oracle", transformed=tB, new=nB, distance=dist)
+    rnd = order_scores("random", ids=idB, seed=a.seed)
+    nn = ref(nB, yB, nB, yB, idB, dist)["mAP"]
+    print(f"{a.scenario} seed {a.seed} {dist}: new/new {nn:.4f}, t0 ff "
+          f"{ref(nB, yB, tB, yB, idB, dist)['mAP']:.4f}, t0 fct "
+          f"{ref(nB, yB, tcB, yB, idB, dist)['mAP']:.4f}")
+    fct = curve(rank_order(rnd, idB), tcB, nB, yB, idB, distance=dist)
+    base = summarise(fct, nn)
+    cals = {"none": identity_calibration(dist)}
+    names = a.calibrations.split(",")
+    if "affine" in names:
+        cals["affine"] = fit_calibration(nA, yA, nA, tA, yA, distance=dist, query_ids=idA,
+                                         gallery_ids=idA)
+    if "affine_sigma" in names:
+        cals["affine_sigma"] = fit_calibration(nA, yA, nA, tA, yA, distance=dist, query_ids=idA,
+                                               gallery_ids=idA, sigma=s_crossA, use_sigma=True)
+    orders = ["random"] + (a.orders.split(",") if a.orders else list(sc))
+    rows = []
+    for cname, cal in cals.items():
+        if cname not in names:
+            continue
+        print(cname, {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()})
+        sig = s_cross if cal["sigma_weight"] else None
+        scale, bias = item_correction(cal, np.ones(len(yB), bool), sigma=sig)
+        rand_curve = None
+        for o in orders:
+            score = rnd if o == "random" else sc[o]
+            c = curve(rank_order(score, idB), tB, nB, yB, idB, distance=dist, scale=scale,
+                      bias=bias)
+            if o == "random":
+                rand_curve = c
+            s = summarise(c, nn, base["mAP_auc"])
+            s["top1_min_vs_random"] = float((c.top1 - rand_curve.top1).min())
+            s["top1_min_vs_fct"] = float((c.top1 - fct.top1).min())
+            rows.append({"calibration": cname, "order": o, **s})
+    df = pd.DataFrame(rows)
+    print(f"FCT-random: mAP AUC {base['mAP_auc']:.4f}, top1 AUC {base['top1_auc']:.4f}")
+    print(df.round(4).to_string())
+    out = CACHE / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{a.scenario}_s{a.seed}_{dist}{'_swap' if a.swap else ''}"
+    df.assign(fct_auc=base["mAP_auc"], newnew=nn).to_csv(out / f"select_{tag}.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The multi-seed report: scenario configs, aggregation over seeds, markdown and plot."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from fastfill_udfs.demo.report import aggregate, plot_report, report_markdown, scenario_config
+
+
+def _tables():
+    rng = np.random.default_rng(0)
+    summary, curves, refs = [], [], []
+    for scenario in ("new_classes", "bigger_model"):
+        for seed in (0, 1, 2):
+            for policy, auc in (("fct_random", 0.80), ("fastfill_benefit", 0.83)):
+                summary.append({"scenario": scenario, "seed": seed, "policy": policy,
+                                "mAP_auc": auc + 0.01 * seed, "mAP_mean": auc,
+                                "top1_auc": 0.9, "top1_mean": 0.9, "mAP_t0": 0.78,
+                                "reach_0.5pt": 0.2 if policy != "fct_random" else np.nan,
+                                "closure": 0.0 if policy == "fct_random" else 0.9,
+                                "top1_min_vs_fct_random": -0.001 * seed})
+                for t in np.linspace(0, 1, 5):
+                    curves.append({"scenario": scenario, "seed": seed, "policy": policy,
+                                   "backfill_fraction": t, "mAP": auc + 0.02 * t + rng.random() * 1e-3,
+                                   "top1": 0.9 + 0.01 * t})
+            refs.append({"scenario": scenario, "seed": seed, "setting": "new/new", "mAP": 0.84,
+                         "top1": 0.91})
+    return pd.DataFrame(summary), pd.DataFrame(curves), pd.DataFrame(refs)
+
+
+def test_aggregate_markdown_and_plot(tmp_path):
+    summary, curves, refs = _tables()
+    agg = aggregate(summary)
+    row = agg[(agg.scenario == "new_classes") & (agg.policy == "fct_random")].iloc[0]
+    assert row["mAP_auc_mean"] == pytest.approx(0.81)
+    assert row["mAP_auc_std"] == pytest.approx(np.std([0.80, 0.81, 0.82]))
+    assert row["n_seeds"] == 3 and row["top1_min_vs_fct_random_min"] == pytest.approx(-0.002)
+    md = report_markdown(agg, refs, {"fastfill_benefit": "FastFill, benefit head"}, [0, 1, 2])
+    assert "FastFill, benefit head" in md and "0.8100 ± 0.0082" in md
+    assert "never (some seed)" in md                       # FCT-random never got there
+    assert md.count("### ") == 2
+    png = plot_report(curves, refs, tmp_path / "r.png", {})
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scenario_configs():
+    nc = scenario_config("new_classes", 2)
+    assert nc.get_path("seed") == 2
+    assert nc.get_path("demo.old_model.channels") == nc.get_path("demo.new_model.channels")
+    assert nc.get_path("demo.new_model.epochs") == 8 and nc.get_path("demo.old_model.epochs") == 8
+    bm = scenario_config("bigger_model", 0, ["evaluation.distance=cosine"])
+    assert bm.get_path("demo.old_model.embedding_dim") == 64
+    assert bm.get_path("demo.old_model.epochs") == 4 and bm.get_path("demo.new_model.epochs") == 8
+    assert bm.get_path("evaluation.distance") == "cosine"
+    with pytest.raises(KeyError):
+        scenario_config("smaller_model", 0)
