@@ -61,7 +61,10 @@ def get_spark(
             builder = builder.config("spark.driver.memory", spark_cfg["driver_memory"])
         if not os.environ.get("PYSPARK_PYTHON"):
             # the workers run on this interpreter (which has numpy, torch, ...), not on the
-            # first `python3` on PATH
+            # first `python3` on PATH. pyspark takes the workers' interpreter from this
+            # variable alone (SparkContext.pythonExec); spark.pyspark.python only reaches
+            # spark-submit.
+            os.environ["PYSPARK_PYTHON"] = sys.executable
             builder = builder.config("spark.pyspark.python", sys.executable)
     builder = builder.config("spark.sql.session.timeZone", "UTC")
     for key, value in _static_conf(spark_cfg).items():
