@@ -112,6 +112,24 @@ def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
             "n_pairs": written.count(), "n_failed": n_failed}
 
 
+def _holdout_rows(cfg: Config, labels: np.ndarray | None
+                  ) -> tuple[np.ndarray | slice, np.ndarray | None]:
+    """(rows h trains on, held-out rows the order head / calibration are fitted on), or
+    (all rows, None) when nothing is fitted beyond h: `transformation.order_head=sigma` with
+    `calibration=none`, or no labels (the benefit is a retrieval gain, measured with labels)."""
+    from fastfill_udfs.order_fitting import holdout_split
+
+    t = cfg.get_path("transformation")
+    if t["order_head"] == "sigma" and t["calibration"] == "none":
+        return slice(None), None
+    if labels is None:
+        log.warning("train_transformation: no labels, so the order is h's own uncertainty head "
+                    "(transformation.order_head=%s and calibration=%s need labelled pairs)",
+                    t["order_head"], t["calibration"])
+        return slice(None), None
+    return holdout_split(labels, float(t["holdout_fraction"]), cfg.get_path("seed") + 4)
+
+
 def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model: ModelRef
                                     ) -> dict:
     """The whole job (see the module docstring). Returns {run_id, h_version, n_pairs,
@@ -146,8 +164,10 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
             "new_model": new_model.uri, "new_model_version": new_model.version,
             "new_model_weights": new_model.weights_hash, "class_term": class_term,
             **{f"h_{k}": v for k, v in t.items()}})
+        fit, held = _holdout_rows(cfg, labels)
         h, history = train_transformation(
-            old, new, labels, objective=t["objective"], new_classifier=head,
+            old[fit], new[fit], None if labels is None else labels[fit],
+            objective=t["objective"], new_classifier=head,
             hidden_dim=t["hidden_dim"], num_hidden_layers=t["num_hidden_layers"],
             epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
             weight_decay=t["weight_decay"], warmup_epochs=t["warmup_epochs"],
@@ -155,6 +175,17 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
             seed=cfg.get_path("seed") + 2, device="cuda" if torch.cuda.is_available() else "cpu")
         for epoch, value in enumerate(history.loss, start=1):
             mlflow.log_metric("loss_h", float(value), step=epoch)
+        if held is not None:
+            from fastfill_udfs.order_fitting import fit_h_extras
+
+            h = fit_h_extras(h, old[held], new[held], labels[held], order_head=t["order_head"],
+                             calibration=t["calibration"],
+                             distance=cfg.get_path("evaluation.distance"),
+                             head_hidden_dim=t["order_head_hidden"],
+                             prototype_new=new, prototype_labels=labels,
+                             seed=cfg.get_path("seed") + 3)
+        mlflow.log_params({"order_head_fitted": t["order_head"] if held is not None else "sigma",
+                           "n_pairs_held_out": 0 if held is None else len(held)})
         uri = model_store.log_model(h, "h")
         version = register_logged_model(uri, target, "h")
     log.info("train_transformation: h trained on %d pairs (%s), registered as %s (%s)",
