@@ -1,7 +1,7 @@
 """A batch costs what the batch holds: per-batch cost of the real jobs vs the gallery's size.
 
     .venv/bin/python bench/bench_scaling.py [--sizes 100000,1000000,10000000] [--batch 10000]
-        [--measure-batches 3] [--whole 1000000] [--before-sizes 100000,1000000]
+        [--measure-batches 3] [--whole 1000000] [--before-sizes 100000,1000000] [--reuse]
 
 Per gallery size N, in a fresh child process (so one size's caches and JVM state do not carry
 into the next):
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--driver-memory", default="8g")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="scaling.json")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a size's result from an earlier run of this script when there is one "
+                        "(.cache/bench/scaling/result_n<N>.json), run only the missing sizes")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     return p
@@ -275,8 +278,11 @@ def main(argv=None) -> int:
                "--whole", str(args.whole), "--before-sizes",
                ",".join(map(str, args.before_sizes)), "--master", args.master,
                "--driver-memory", args.driver_memory, "--seed", str(args.seed)]
-        _log(f"n={n}: {' '.join(cmd[1:])}")
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        if args.reuse and tmp.is_file():
+            _log(f"n={n}: reusing {tmp}")
+        else:
+            _log(f"n={n}: {' '.join(cmd[1:])}")
+            subprocess.run(cmd, cwd=ROOT, check=True)
         results.append(json.loads(tmp.read_text()))
     summary = summarise(results, args.batch)
     payload = {"command": "bench/bench_scaling.py " + " ".join(argv or sys.argv[1:]),

@@ -34,16 +34,24 @@ def _log(spark, cfg, run) -> pd.DataFrame:
     return read_table(spark, table_paths(cfg, run).backfill_log).toPandas().sort_values("batch_id")
 
 
+def _exact_scores(q: np.ndarray, g: np.ndarray, distance: str) -> np.ndarray:
+    """float64 scores (queries x gallery) the search reports for `evaluation.distance`:
+    cosine, or for l2 `|q|^2 - |q - g|^2 = 2 q.g - |g|^2` (the L2 ranking of each query)."""
+    q, g = np.atleast_2d(np.asarray(q, np.float64)), np.asarray(g, np.float64)
+    if distance == "cosine":
+        return (q / np.linalg.norm(q, axis=1, keepdims=True)) @ \
+            (g / np.linalg.norm(g, axis=1, keepdims=True)).T
+    return 2.0 * q @ g.T - np.einsum("ij,ij->i", g, g)[None, :]
+
+
 def _exact_hits(spark, cfg, run, version, query, k, exclude=None) -> pd.DataFrame:
-    """Our own exact ranking from the Delta tables: float64 cosine against gallery_features as
-    of `version`, with each row's source and model version."""
+    """Our own exact ranking from the Delta tables: float64 scores (evaluation.distance)
+    against gallery_features as of `version`, with each row's source and model version."""
     feats = read_table(spark, table_paths(cfg, run).gallery_features, version=version).toPandas()
     if exclude is not None:
         feats = feats[feats["id"] != exclude]
-    g = np.stack(feats["embedding"]).astype(np.float64)
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    q = np.asarray(query, dtype=np.float64)
-    scores = g @ (q / np.linalg.norm(q))
+    scores = _exact_scores(query, np.stack(feats["embedding"]),
+                           cfg.get_path("evaluation.distance"))[0]
     order = np.argsort(-scores, kind="stable")[:k]
     return feats.iloc[order].assign(score=scores[order]).reset_index(drop=True)
 
@@ -68,7 +76,7 @@ def test_search_mid_backfill_equals_an_exact_ranking_from_delta(spark, mid_run):
     assert (result["batch_id"], result["features_version"]) == (1, version)
     want = _exact_hits(spark, cfg, run, version, _query(spark, cfg, item), 10, exclude=item)
     assert hits["id"].tolist() == want["id"].tolist()
-    np.testing.assert_allclose(hits["score"], want["score"], atol=1e-5)
+    np.testing.assert_allclose(hits["score"], want["score"], rtol=1e-5, atol=1e-5)
     assert hits["source"].tolist() == want["source"].tolist()
     assert hits["model_version"].tolist() == want["model_version"].tolist()
     assert set(want["source"]) <= {"new", "transformed"}
@@ -273,16 +281,15 @@ def test_approximate_index_logs_recall_per_step_equal_to_our_own_count(spark, pi
     assert sorted(logged) == log["batch_id"].tolist()
     queries = read_table(spark, table_paths(cfg).query_features).toPandas()
     q = np.stack(queries["embedding"]).astype(np.float64)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
     recalls = []
     for batch, version in zip(log["batch_id"], log["table_version"]):
         served = ServableIndex.load(warehouse_location(cfg, run, int(batch), int(version)),
                                     run=run, batch_id=int(batch), features_version=int(version))
         feats = read_table(spark, table_paths(cfg, run).gallery_features,
                            version=int(version)).toPandas().set_index("id")
-        g = np.stack(feats["embedding"]).astype(np.float64)
-        g /= np.linalg.norm(g, axis=1, keepdims=True)
-        exact = pd.DataFrame(q @ g.T, index=queries["id"], columns=feats.index)
+        exact = pd.DataFrame(_exact_scores(q, np.stack(feats["embedding"]),
+                                           cfg.get_path("evaluation.distance")),
+                             index=queries["id"], columns=feats.index)
         _, keys = served.index.search(np.stack(queries["embedding"]), 11)   # approximate
         ids = served.items["id"].to_numpy(dtype=object)
         per_query = []
