@@ -491,10 +491,21 @@ def scaling_section(res: dict | None, rows: list) -> list[str]:
                 f"{w['merge_bytes_written'] / 2**20:,.0f} MiB and rank_gallery "
                 f"{w['rank_features_bytes'] / 2**20:,.0f} MiB for a final features table of "
                 f"{w['final_features_bytes'] / 2**20:,.0f} MiB: "
-                f"{w['written_over_final']:.2f}x (target <= 3x).", ""]
-        rows.append(("bytes written by a whole backfill / final features table", 
-                     f"{w['written_over_final']:.2f}x", "<= 3x",
-                     _status(w["written_over_final"] <= 3.0), "", cmd))
+                f"{w['written_over_final']:.2f}x (target <= 3x). The MERGEs alone wrote "
+                f"{w['merge_bytes_written'] / max(1, w['final_features_bytes']):.2f}x the final "
+                "table: each batch writes its own partition once. The rest is rank_gallery's "
+                "one write of every transformed vector, which is about one final table for real "
+                "embeddings (two writes in all); here the synthetic new embeddings come from 64 "
+                "distinct images, so the final table compresses about 8x better than the "
+                "transformed one and the ratio reads high.", ""]
+        merges = w["merge_bytes_written"] / max(1, w["final_features_bytes"])
+        rows.append(("bytes written by a whole backfill / final features table",
+                     f"{w['written_over_final']:.2f}x with rank_gallery's first write, "
+                     f"MERGEs alone {merges:.2f}x", "<= 3x",
+                     _status(w["written_over_final"] <= 3.0),
+                     "rank_gallery writes every transformed vector once (about one final table "
+                     "for real embeddings); the synthetic new embeddings, from 64 distinct "
+                     "images, compress ~8x better than the transformed ones", cmd))
     if "flatness" in s:
         f = s["flatness"]
         lo, hi = s["per_size"][0]["rows"], s["per_size"][-1]["rows"]
@@ -517,16 +528,19 @@ def projection(summary: dict, batch: int) -> list[str]:
     if len(per) < 2:
         return []
     lo, hi = per[0], per[-1]
-    slope = (hi["batch_s"] - lo["batch_s"]) / max(1, hi["rows"] - lo["rows"])  # s per gallery row
+    measured = (hi["batch_s"] - lo["batch_s"]) / max(1, hi["rows"] - lo["rows"])  # s per row
+    slope = max(0.0, measured)          # a falling slope is the shared machine's noise
+    base = max(r["batch_s"] for r in per)
     out = ["Projection (a cluster running batches one after another, as the backfill does; the "
            "per-batch time is the fixed Delta and Spark cost measured here plus the new model's "
            "inference, which a GPU cluster sizes separately): per-batch time = "
-           f"{lo['batch_s']:.1f} s + {slope * 1e6:.3f} s per million gallery rows (the measured "
-           "slope between the smallest and the largest gallery).", "",
+           f"{base:.1f} s (the largest measured) + {slope * 1e6:.3f} s per million gallery rows "
+           f"(the slope between the smallest and the largest gallery, {measured * 1e6:.3f} s "
+           "measured, taken as at least 0).", "",
            "| gallery | batches of 10k | per-batch s (projected) | Delta+Spark overhead of the "
            "whole backfill |", "|---|---|---|---|"]
     for n in (100_000_000, 1_000_000_000):
-        per_batch = lo["batch_s"] + slope * (n - lo["rows"])
+        per_batch = base + slope * (n - lo["rows"])
         total = per_batch * n / batch
         out.append(f"| {n:,} | {n // batch:,} | {per_batch:.1f} | {total / 3600:,.0f} h |")
     out += ["", "Assumptions: the per-batch cost stays flat as measured (a batch reads its own "
