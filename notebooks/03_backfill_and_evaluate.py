@@ -25,7 +25,7 @@ except NameError:
 from fastfill_udfs.notebook import Show, notebook_config
 
 cfg = notebook_config(["policy", "run_name", "warehouse", "tracking_uri", "experiment",
-                       "model_new", "max_batches", "evaluate", "device", "outputs",
+                       "model_new", "model_h", "max_batches", "evaluate", "device", "outputs",
                        "spark_log_level"],
                       dbutils)
 show = Show(display)

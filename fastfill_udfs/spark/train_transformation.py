@@ -112,6 +112,9 @@ def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
             "n_pairs": written.count(), "n_failed": n_failed}
 
 
+MIN_HELD_OUT = 200   # fewer held-out pairs than this fit a benefit head worse than sigma's
+
+
 def _holdout_rows(cfg: Config, labels: np.ndarray | None
                   ) -> tuple[np.ndarray | slice, np.ndarray | None]:
     """(rows h trains on, held-out rows the order head / calibration are fitted on), or
@@ -126,6 +129,13 @@ def _holdout_rows(cfg: Config, labels: np.ndarray | None
         log.warning("train_transformation: no labels, so the order is h's own uncertainty head "
                     "(transformation.order_head=%s and calibration=%s need labelled pairs)",
                     t["order_head"], t["calibration"])
+        return slice(None), None
+    held = int(round(float(t["holdout_fraction"]) * len(labels)))
+    if held < MIN_HELD_OUT:
+        log.warning("train_transformation: %d held-out pairs (transformation.holdout_fraction="
+                    "%s of %d) are too few to fit the order head on (at least %d), so the "
+                    "order is h's own uncertainty head; raise transformation.train_rows",
+                    held, t["holdout_fraction"], len(labels), MIN_HELD_OUT)
         return slice(None), None
     return holdout_split(labels, float(t["holdout_fraction"]), cfg.get_path("seed") + 4)
 

@@ -121,9 +121,8 @@ def test_own_gallery_end_to_end(spark, foreign_setup, pipeline_run):
     h_params = client.get_run(h_version.run_id).data.params
     assert h_params["class_term"] == "prototypes"
     assert h_params["new_model_version"] == "models:/product_embedder/1"
-    # the order head is refit to the realised benefit on pairs h did not train on
-    assert h_params["order_head_fitted"] == "benefit"
-    assert 2 <= int(h_params["n_pairs_held_out"]) < len(pairs)
+    # 64 pairs are too few to hold some out for the benefit head: h's own sigma orders
+    assert h_params["order_head_fitted"] == "sigma" and h_params["n_pairs_held_out"] == "0"
 
     # rank: pairs are new at batch 0 and not in the plan; the broken row is quarantined
     plan = read_table(spark, paths.backfill_plan).toPandas()

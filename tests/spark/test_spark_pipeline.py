@@ -187,8 +187,8 @@ def test_rank_udf_matches_in_process_transform_and_batching(spark, e2e_run):
 # ----------------------------------------------------------------------------- 7. metrics traceable
 def test_logged_metrics_recompute_from_delta_time_travel(spark, e2e_run):
     """Each logged step is reproducible from gallery_features as of the version the log
-    recorded: exactly (1e-9) once the gallery vectors are L2-normalised in float32 as the
-    evaluator's faiss shards store them (the evaluation searches the shards and certifies its
+    recorded, by evaluation.distance: exactly (1e-9) from the float32 vectors as the
+    evaluator's faiss shards hold them (for cosine L2-normalised in float32) (the evaluation searches the shards and certifies its
     mAP within evaluation.ap_tolerance of float64), and to the design's 1e-6 from the raw
     float32 vectors with a float64 normalisation (near-ties ~1e-7 apart may order
     differently)."""
@@ -197,6 +197,7 @@ def test_logged_metrics_recompute_from_delta_time_travel(spark, e2e_run):
     from fastfill_udfs.metrics import retrieval_metrics
 
     cfg, run = e2e_run["cfg"], e2e_run["run"]
+    distance = cfg.get_path("evaluation.distance")   # l2 (raw float32 vectors) or cosine
     paths = table_paths(cfg, run)
     client = _client(cfg)
     run_id = e2e_run["backfilled"]["mlflow_run_id"]
@@ -219,15 +220,17 @@ def test_logged_metrics_recompute_from_delta_time_travel(spark, e2e_run):
                                                                  abs=1e-12)
         raw = np.stack(feats["embedding"]).astype(np.float32)
         stored = raw.copy()
-        faiss.normalize_L2(stored)
+        if distance == "cosine":
+            faiss.normalize_L2(stored)
         g_lab, g_ids = labels.loc[feats["id"], "label"].to_numpy(), feats["id"].to_numpy()
         for g_emb, tol in ((stored, 1e-9), (raw, 1e-6)):
             m = retrieval_metrics(q_emb, q_lab, g_emb, g_lab, query_ids=q_ids, gallery_ids=g_ids,
-                                  topk=(1, 5))
+                                  topk=(1, 5), distance=distance)
             for key in ("mAP", "top1", "top5"):
                 assert curve[key][step] == pytest.approx(m[key], abs=tol), (step, key, tol)
             sub = retrieval_metrics(q_emb[footwear], q_lab[footwear], g_emb, g_lab,
-                                    query_ids=q_ids[footwear], gallery_ids=g_ids, topk=(1, 5))
+                                    query_ids=q_ids[footwear], gallery_ids=g_ids, topk=(1, 5),
+                                    distance=distance)
             assert curve["mAP_footwear"][step] == pytest.approx(sub["mAP"], abs=tol), (step, tol)
 
 
