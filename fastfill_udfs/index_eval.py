@@ -49,6 +49,7 @@ import pandas as pd
 
 from fastfill_udfs.faiss_index import (ShardedGalleryIndex, _as_keys, _check_pos_int, _check_topk,
                                        _first, _lookup, _to_numpy, gallery_labels)
+from fastfill_udfs.metrics import _pack_sort
 
 __all__ = ["EvalResult", "evaluate_index", "DEFAULT_TOLERANCE"]
 
@@ -194,21 +195,6 @@ def _pack_sort_keys(keys: np.ndarray, match: np.ndarray):
     keys.sort(axis=1)
     m = np.empty(keys.shape, dtype=np.uint8)
     np.bitwise_and(keys, 1, out=m, casting="unsafe")
-    return keys, m.view(bool)
-
-
-def _pack_sort(keys: np.ndarray, match: np.ndarray):
-    """Sort each row of ``keys`` (C-contiguous float, in place) ascending with ``match``
-    carried in the lowest mantissa bit; returns (keys sorted with that bit cleared, match
-    bits in sorted order). Clearing the bit is monotone, so the order stays consistent."""
-    bits = keys.view(np.int64 if keys.dtype.itemsize == 8 else np.int32)
-    keys += 0.0                                    # -0.0 -> +0.0 so the two zeros tie
-    np.bitwise_and(bits, ~1, out=bits)
-    np.bitwise_or(bits, match, out=bits, casting="unsafe")
-    keys.sort(axis=1)
-    m = np.empty(keys.shape, dtype=np.uint8)
-    np.bitwise_and(bits, 1, out=m, casting="unsafe")
-    np.bitwise_and(bits, ~1, out=bits)
     return keys, m.view(bool)
 
 

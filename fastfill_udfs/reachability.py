@@ -71,6 +71,26 @@ def _self_mask(query_ids, gallery_ids, lo, hi, n):
     return qi[:, None] == gi[None, :]
 
 
+def _score_blocks(query_emb, query_labels, gallery_current, gallery_new, gallery_labels,
+                  query_ids, gallery_ids, distance, current_scale, current_bias, block_size):
+    """Per block of queries: (scores against the current gallery, scores against the new one,
+    relevance), leave-one-out pairs at -inf and not relevant. Checks the inputs first."""
+    q, ql, gl = _check_inputs(query_emb, query_labels, gallery_labels,
+                              {"gallery_current": gallery_current, "gallery_new": gallery_new},
+                              query_ids, gallery_ids, distance)
+    cur, new = _to_numpy(gallery_current), _to_numpy(gallery_new)
+    for lo in range(0, len(q), block_size):
+        hi = min(lo + block_size, len(q))
+        s_cur = similarity_scores(q[lo:hi], cur, distance=distance, gallery_scale=current_scale,
+                                  gallery_bias=current_bias)
+        s_new = similarity_scores(q[lo:hi], new, distance=distance)
+        rel = ql[lo:hi, None] == gl[None, :]
+        own = _self_mask(query_ids, gallery_ids, lo, hi, len(gl))
+        if own is not None:
+            s_cur[own], s_new[own], rel = -np.inf, -np.inf, rel & ~own
+        yield s_cur, s_new, rel
+
+
 def item_map_benefit(query_emb, query_labels, gallery_current, gallery_new, gallery_labels, *,
                      query_ids=None, gallery_ids=None, distance: str = "cosine",
                      current_scale=None, current_bias=None, block_size: int = 256) -> np.ndarray:
@@ -84,22 +104,11 @@ def item_map_benefit(query_emb, query_labels, gallery_current, gallery_new, gall
     queries that count (those with a relevant item). Items already equal to their new vector
     get ~0. Raises ValueError naming a bad argument.
     """
-    q, ql, gl = _check_inputs(query_emb, query_labels, gallery_labels,
-                              {"gallery_current": gallery_current, "gallery_new": gallery_new},
-                              query_ids, gallery_ids, distance)
-    cur, new = _to_numpy(gallery_current), _to_numpy(gallery_new)
-    n = len(gl)
-    total, n_valid = np.zeros(n), 0
-    for lo in range(0, len(q), block_size):
-        hi = min(lo + block_size, len(q))
-        s_cur = similarity_scores(q[lo:hi], cur, distance=distance, gallery_scale=current_scale,
-                                  gallery_bias=current_bias)
-        s_new = similarity_scores(q[lo:hi], new, distance=distance)
-        rel = ql[lo:hi, None] == gl[None, :]
-        own = _self_mask(query_ids, gallery_ids, lo, hi, n)
-        if own is not None:
-            s_cur[own], s_new[own], rel = -np.inf, -np.inf, rel & ~own
-        for i in range(hi - lo):
+    total, n_valid = np.zeros(len(gallery_labels)), 0
+    for s_cur, s_new, rel in _score_blocks(query_emb, query_labels, gallery_current, gallery_new,
+                                           gallery_labels, query_ids, gallery_ids, distance,
+                                           current_scale, current_bias, block_size):
+        for i in range(len(rel)):
             delta = _query_benefit(s_cur[i], s_new[i], rel[i])
             if delta is not None:
                 total += delta
@@ -113,21 +122,10 @@ def item_top1_benefit(query_emb, query_labels, gallery_current, gallery_new, gal
     """Per gallery item: the change in top-1 (the share of queries whose best-scoring item is
     relevant) if that item alone switched to its new-model vector; arguments as
     :func:`item_map_benefit`. Ties at the top are read as the first index winning."""
-    q, ql, gl = _check_inputs(query_emb, query_labels, gallery_labels,
-                              {"gallery_current": gallery_current, "gallery_new": gallery_new},
-                              query_ids, gallery_ids, distance)
-    cur, new = _to_numpy(gallery_current), _to_numpy(gallery_new)
-    n = len(gl)
-    total, n_valid = np.zeros(n), 0
-    for lo in range(0, len(q), block_size):
-        hi = min(lo + block_size, len(q))
-        s = similarity_scores(q[lo:hi], cur, distance=distance, gallery_scale=current_scale,
-                              gallery_bias=current_bias)
-        s2 = similarity_scores(q[lo:hi], new, distance=distance)
-        rel = ql[lo:hi, None] == gl[None, :]
-        own = _self_mask(query_ids, gallery_ids, lo, hi, n)
-        if own is not None:
-            s[own], s2[own], rel = -np.inf, -np.inf, rel & ~own
+    total, n_valid = np.zeros(len(gallery_labels)), 0
+    for s, s2, rel in _score_blocks(query_emb, query_labels, gallery_current, gallery_new,
+                                    gallery_labels, query_ids, gallery_ids, distance,
+                                    current_scale, current_bias, block_size):
         ok = rel.any(axis=1)
         s, s2, rel = s[ok], s2[ok], rel[ok]
         n_valid += int(ok.sum())

@@ -71,3 +71,14 @@ def _no_leaked_tracking_uri():
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = _USER_TRACKING_URI
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin against each other on a busy 2-core box: use one."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

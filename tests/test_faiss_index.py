@@ -2,9 +2,7 @@
 save / load."""
 from __future__ import annotations
 
-import faiss
 import numpy as np
-import pandas as pd
 import pytest
 
 from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, VectorSpace
@@ -12,13 +10,7 @@ from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, VectorSpac
 DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """faiss's OpenMP threads spin against each other on a busy 2-core box: use one."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _unit(x):

@@ -2,7 +2,6 @@
 float64 scorer), the certified bound of the fast mAP path, recall@k of approximate indexes."""
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,13 +13,7 @@ from fastfill_udfs.metrics import retrieval_metrics
 DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    """faiss's OpenMP threads spin against each other on a busy 2-core box: use one."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _tied_gallery(n, dim, seed):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,12 +21,7 @@ IMAGE = ROOT / "tests" / "data" / "image_folder" / "trouser" / "t10k_00002.png"
 DIM = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _served(n=60, seed=0, spec=None, **info):
