@@ -49,7 +49,7 @@ import pandas as pd
 
 from fastfill_udfs.faiss_index import (ShardedGalleryIndex, _as_keys, _check_pos_int, _check_topk,
                                        _first, _lookup, _to_numpy, gallery_labels)
-from fastfill_udfs.metrics import _pack_sort
+from fastfill_udfs.metrics import _pack_sort, _unique_rows
 
 __all__ = ["EvalResult", "evaluate_index", "DEFAULT_TOLERANCE"]
 
@@ -196,17 +196,6 @@ def _pack_sort_keys(keys: np.ndarray, match: np.ndarray):
     m = np.empty(keys.shape, dtype=np.uint8)
     np.bitwise_and(keys, 1, out=m, casting="unsafe")
     return keys, m.view(bool)
-
-
-def _unique_rows(x: np.ndarray):
-    """(unique rows, inverse index), or (x, None) when all rows are distinct."""
-    if len(x) < 2:
-        return x, None
-    rows = np.ascontiguousarray(x).view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
-    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    if len(first) == len(x):
-        return x, None
-    return np.ascontiguousarray(x[first]), inverse.ravel()
 
 
 def _check_ks(values, name: str) -> tuple:

@@ -1,5 +1,7 @@
-"""Train the transformation h on the user's own gallery: sample rows, embed their images with the
-new model in Spark, train h (FastFill loss) and log and register it in MLflow (models.h).
+"""Train the transformation h on the user's own gallery and register it at models.h.
+
+Samples rows, embeds their images with the new model in Spark, trains h (FastFill loss), fits
+its order head on held-out pairs, and logs and registers it in MLflow (models.h).
 
     spark-submit pipelines/train_transformation.py --config conf/my_gallery.yaml [--set transformation.train_rows=20000]
 """
