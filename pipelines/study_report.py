@@ -8,7 +8,9 @@ the old one trained on classes 0-4) and bigger_model (+ conf/fashion_mnist_bigge
 The report trains the CNNs 8 epochs (the demo: fewer, to fit its time budget; the bigger
 model's old CNN keeps its 4) and caches them
 in study.model_cache (default .cache/study_models), so a rerun only retrains h and recomputes
-the curves. Writes <paths.outputs>/report/ (study_report.csv per seed, study_report_summary.csv
+the curves; each study's tables are kept in <paths.outputs>/report/studies/ and reused while
+its config is unchanged (--recompute runs them again). Writes <paths.outputs>/report/
+(study_report.csv per seed, study_report_summary.csv
 aggregated, study_report_curves.csv, study_report.md, study_report.png); --docs also copies the
 markdown and the plot to docs/. Needs no Spark and no MLflow.
 """
@@ -35,6 +37,8 @@ def main(argv=None) -> int:
                    help="extra overlay(s) after each scenario's own")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--docs", action="store_true", help="also write docs/study_report.{md,png}")
+    p.add_argument("--recompute", action="store_true",
+                   help="run every study again instead of reusing its kept tables")
     args = p.parse_args(argv)
     setup_logging()
     from fastfill_udfs.config import ConfigError
@@ -47,11 +51,12 @@ def main(argv=None) -> int:
     overrides = ["study.model_cache=.cache/study_models"] + REPORT_OVERRIDES + args.overrides
     try:
         cfg = scenario_config(scenarios[0], seeds[0], overrides, args.config)
-        tables = collect(scenarios, seeds, overrides, args.config)
+        out = Path(cfg.resolve_path("paths.outputs")) / "report"
+        tables = collect(scenarios, seeds, overrides, args.config,
+                         cache_dir=out / "studies", reuse=not args.recompute)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(cfg.resolve_path("paths.outputs")) / "report"
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(tables["summary"])
     tables["summary"].to_csv(out / "study_report.csv", index=False)

@@ -6,6 +6,8 @@ scenarios, then aggregate mean and spread per policy, write CSV + markdown table
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -43,11 +45,39 @@ def scenario_config(scenario: str, seed: int, overrides: Sequence[str] = (),
                        list(settings) + list(overrides) + [f"seed={int(seed)}"])
 
 
+def study_key(cfg) -> str:
+    """The report cache key of one study: a digest of its whole resolved config (seed and
+    scenario included), so any changed setting recomputes it."""
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_cached(folder: Path) -> dict[str, pd.DataFrame] | None:
+    names = ("summary", "curves", "references")
+    if not all((folder / f"{n}.csv").is_file() for n in names) or \
+            not (folder / "seconds.json").is_file():
+        return None
+    out = {n: pd.read_csv(folder / f"{n}.csv") for n in names}
+    out["seconds"] = json.loads((folder / "seconds.json").read_text())["seconds"]
+    return out
+
+
+def _save_cached(folder: Path, tables: dict, seconds: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("summary", "curves", "references"):
+        tables[name].to_csv(folder / f"{name}.csv", index=False)
+    # written last: a study interrupted while saving is recomputed, never half-read
+    (folder / "seconds.json").write_text(json.dumps({"seconds": seconds}))
+
+
 def collect(scenarios: Sequence[str], seeds: Sequence[int], overrides: Sequence[str] = (),
-            extra_configs: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
+            extra_configs: Sequence[str] = (), cache_dir: str | Path | None = None,
+            reuse: bool = True) -> dict[str, pd.DataFrame]:
     """Run `demo.study.run_study` for every (scenario, seed). Returns long tables `summary`,
     `curves` and `references`, each with `scenario` and `seed` columns, and `seconds` (one
-    row per study). Raises ValueError for an unknown scenario."""
+    row per study). With `cache_dir`, each study's tables are kept under
+    `<cache_dir>/<scenario>_seed<k>_<study_key>/` and, with `reuse`, taken from there while
+    its config is unchanged.
+    Raises ValueError for an unknown scenario or no seeds."""
     from fastfill_udfs.demo.study import run_study
 
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -59,18 +89,28 @@ def collect(scenarios: Sequence[str], seeds: Sequence[int], overrides: Sequence[
     for scenario in scenarios:
         for seed in seeds:
             cfg = scenario_config(scenario, seed, overrides, extra_configs)
-            log.info("=== study: scenario %s, seed %d ===", scenario, seed)
-            start = time.monotonic()
-            result = run_study(cfg)
-            seconds = time.monotonic() - start
+            folder = (Path(cache_dir) / f"{scenario}_seed{int(seed)}_{study_key(cfg)}"
+                      if cache_dir else None)
+            result = _load_cached(folder) if folder and reuse else None
+            if result is not None:
+                log.info("=== study: scenario %s, seed %d: reused %s ===", scenario, seed, folder)
+                seconds = float(result.pop("seconds"))
+            else:
+                log.info("=== study: scenario %s, seed %d ===", scenario, seed)
+                start = time.monotonic()
+                study = run_study(cfg)
+                seconds = time.monotonic() - start
+                result = {n: getattr(study, n) for n in ("summary", "curves", "references")}
+                if folder:
+                    _save_cached(folder, result, seconds)
+                log.info("scenario %s seed %d done in %.0f s", scenario, seed, seconds)
             for name in ("summary", "curves", "references"):
-                df = getattr(result, name).copy()
+                df = result[name].copy()
                 df.insert(0, "seed", int(seed))
                 df.insert(0, "scenario", scenario)
                 tables[name].append(df)
             tables["seconds"].append(pd.DataFrame([{"scenario": scenario, "seed": int(seed),
                                                     "seconds": seconds}]))
-            log.info("scenario %s seed %d done in %.0f s", scenario, seed, seconds)
     return {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}
 
 

@@ -53,3 +53,34 @@ def test_scenario_configs():
     assert bm.get_path("evaluation.distance") == "cosine"
     with pytest.raises(KeyError):
         scenario_config("smaller_model", 0)
+
+
+def test_collect_keeps_each_study_and_reruns_only_changed_configs(tmp_path, monkeypatch):
+    import fastfill_udfs.demo.study as study
+    from fastfill_udfs.demo.report import collect
+
+    runs = []
+
+    def fake_study(cfg):               # the study itself is tested in tests/demo/test_study.py
+        runs.append((cfg["seed"], cfg.get_path("study.curve_points")))
+        summary, curves, refs = (df[(df.scenario == "new_classes") & (df.seed == 0)]
+                                 .drop(columns=["scenario", "seed"]) for df in _tables())
+        summary = summary.assign(mAP_auc=summary["mAP_auc"] + cfg["seed"])
+        return study.StudyResult(None, refs, curves, summary)
+
+    monkeypatch.setattr(study, "run_study", fake_study)
+    cache = tmp_path / "studies"
+    first = collect(["new_classes"], [0, 1], cache_dir=cache)
+    assert len(runs) == 2 and sorted(first["summary"]["seed"].unique()) == [0, 1]
+    again = collect(["new_classes"], [0, 1], cache_dir=cache)
+    assert len(runs) == 2                                   # both reused
+    pd.testing.assert_frame_equal(again["summary"], first["summary"])
+    assert list(again["seconds"]["seconds"]) == list(first["seconds"]["seconds"])
+    collect(["new_classes"], [1], ["study.curve_points=11"], cache_dir=cache)
+    assert runs[-1] == (1, 11)                            # another setting: run again
+    collect(["new_classes"], [0], cache_dir=cache, reuse=False)
+    assert len(runs) == 4
+    # a study whose tables were cut off while being written is run again, not half-read
+    (next(cache.glob("new_classes_seed1_*")) / "seconds.json").unlink()
+    collect(["new_classes"], [0, 1], cache_dir=cache)
+    assert len(runs) == 5 and runs[-1][0] == 1
