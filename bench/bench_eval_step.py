@@ -129,7 +129,7 @@ class TodayPath:
     def step(self, batch_id: int, version: int) -> dict:
         from pyspark.sql import functions as F
 
-        from fastfill_udfs.faiss_index import ShardedGalleryIndex
+        from fastfill_udfs.faiss_index import ShardedGalleryIndex, VectorSpace
         from fastfill_udfs.metrics import retrieval_metrics
         from fastfill_udfs.spark.delta_io import read_table
         from fastfill_udfs.subgroups import combine_metrics, subgroup_metrics
@@ -146,14 +146,18 @@ class TodayPath:
             pdf = features.select("id", "embedding").toPandas()
             vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
             self.index = ShardedGalleryIndex(vectors.shape[1],
-                                             self.cfg.get_path("evaluation.num_shards"))
+                                             self.cfg.get_path("evaluation.num_shards"),
+                                             space=VectorSpace.from_config(self.cfg))
             self.index.build(self.key_of[pdf["id"]].to_numpy(), vectors)
         self.indexed_batch = batch_id
         t1, c1 = time.perf_counter(), time.process_time()
         keys, vectors = self.index.reconstruct_all()
+        if self.index.space.l2:         # stored [2g, -|g|^2] (2g exact in float32): back to g
+            vectors = vectors[:, :-1] / 2
         q = self.queries
         kwargs = dict(query_ids=q.ids, gallery_ids=self.gallery["id"].to_numpy(dtype=object)[keys],
-                      topk=(1, 5), block_size=self.cfg.get_path("evaluation.query_block_size"))
+                      topk=(1, 5), block_size=self.cfg.get_path("evaluation.query_block_size"),
+                      distance=self.cfg.get_path("evaluation.distance"))
         labels = self.gallery["label"].to_numpy()[keys]
         per_group = subgroup_metrics(q.embeddings, q.labels, q.subgroups, vectors, labels, **kwargs)
         overall = (combine_metrics(per_group.values()) if (q.subgroups != "").all() else
@@ -175,7 +179,8 @@ def _exact(spark, cfg, run, version, queries) -> dict:
     labels = gallery.set_index("id")["label"].loc[pdf["id"]].to_numpy()
     g = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
     return retrieval_metrics(queries.embeddings, queries.labels, g, labels, query_ids=queries.ids,
-                             gallery_ids=pdf["id"].to_numpy(dtype=object), topk=(1, 5))
+                             gallery_ids=pdf["id"].to_numpy(dtype=object), topk=(1, 5),
+                             distance=cfg.get_path("evaluation.distance"))
 
 
 def run_bench(spark, args) -> dict:

@@ -14,8 +14,9 @@ from fastfill_udfs.metrics import retrieval_metrics
 
 def subgroup_metrics(query_emb, query_labels, query_subgroups, gallery_emb, gallery_labels, *,
                      query_ids=None, gallery_ids=None, topk: Sequence[int] = (1, 5),
-                     block_size: int = 1024) -> dict[str, dict]:
-    """{subgroup: metrics} with queries restricted to each subgroup (the gallery stays whole).
+                     block_size: int = 1024, **metric_kwargs) -> dict[str, dict]:
+    """{subgroup: metrics} with queries restricted to each subgroup (the gallery stays whole);
+    `metric_kwargs` (distance, dtype, ...) go to `metrics.retrieval_metrics`.
 
     Raises ValueError when `query_subgroups` does not have one entry per query."""
     subs = np.asarray(query_subgroups, dtype=object)
@@ -28,7 +29,7 @@ def subgroup_metrics(query_emb, query_labels, query_subgroups, gallery_emb, gall
         out[name] = retrieval_metrics(
             q[mask], np.asarray(query_labels)[mask], gallery_emb, gallery_labels,
             query_ids=None if query_ids is None else np.asarray(query_ids, dtype=object)[mask],
-            gallery_ids=gallery_ids, topk=topk, block_size=block_size)
+            gallery_ids=gallery_ids, topk=topk, block_size=block_size, **metric_kwargs)
     return out
 
 

@@ -27,6 +27,23 @@ def test_subgroup_metrics_on_a_hand_made_case():
         assert combined[key] == pytest.approx(overall[key], abs=1e-12)
 
 
+def test_subgroup_metrics_pass_the_distance_on():
+    # by cosine p's nearest is q (same direction); by L2 it is r (q is 10x longer)
+    emb = np.array([[1.0, 0.0], [10.0, 0.5], [0.9, 0.4]])
+    labels = np.array([0, 0, 1])
+    ids = np.array(["p", "q", "r"], dtype=object)
+    subs = np.array(["a", "a", "a"], dtype=object)
+    for distance in ("cosine", "l2"):
+        out = subgroup_metrics(emb, labels, subs, emb, labels, query_ids=ids, gallery_ids=ids,
+                               distance=distance)["a"]
+        ref = retrieval_metrics(emb, labels, emb, labels, query_ids=ids, gallery_ids=ids,
+                                distance=distance)
+        assert out["mAP"] == pytest.approx(ref["mAP"], abs=1e-12)
+    by_cos, by_l2 = (subgroup_metrics(emb, labels, subs, emb, labels, query_ids=ids,
+                                      gallery_ids=ids, distance=d)["a"] for d in ("cosine", "l2"))
+    assert by_cos["top1"] > by_l2["top1"]
+
+
 def test_fraction_to_close_on_a_known_curve():
     t = [0.0, 0.1, 0.2, 0.3, 1.0]
     shortfall = [0.20, 0.08, 0.012, 0.009, 0.0]
