@@ -1,13 +1,17 @@
 """A batch costs what the batch holds: per-batch cost of the real jobs vs the gallery's size.
 
     .venv/bin/python bench/bench_scaling.py [--sizes 100000,1000000,10000000] [--batch 10000]
-        [--measure-batches 3] [--whole 1000000] [--before-sizes 100000,1000000] [--reuse]
+        [--measure-batches 3] [--whole 1000000] [--before-sizes 100000,1000000]
+        [--images distinct|pool] [--reuse]
 
 Per gallery size N, in a fresh child process (so one size's caches and JVM state do not carry
 into the next):
-1. A synthetic gallery Delta table (`id`, `label`, `image` = a tiny 8x8 PNG from a pool of 64,
-   `old_embedding` 64-d) is generated in Spark under `.cache/bench/scaling/n<N>/` and reused by
-   later runs.
+1. A synthetic gallery Delta table (`id`, `label`, `image` = a tiny 8x8 grey image,
+   `old_embedding` 64-d) is generated in Spark under `.cache/bench/scaling/n<N>[_distinct]/`
+   and reused by later runs. --images distinct (default): every row its own image (a PGM whose
+   64 pixels are the SHA-256 of its id, made in Spark SQL), so the new embeddings are as
+   distinct as real ones and the features table compresses like real data; pool: one of 64
+   PNGs (the first measurements; the new embeddings then compress ~8x).
 2. `rank.rank_gallery` with a random `h` (64 -> 64, hidden 256) and batches of --batch items:
    its wall time and the bytes it wrote (Delta `operationMetrics.numOutputBytes`).
 3. --measure-batches backfill batches through `backfill.run_backfill` (no evaluation) with a tiny
@@ -54,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", default="local[2]")
     p.add_argument("--driver-memory", default="8g")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", choices=("distinct", "pool"), default="distinct",
+                   help="one image per row (default) or 64 shared ones")
     p.add_argument("--out", default="scaling.json")
     p.add_argument("--reuse", action="store_true",
                    help="take a size's result from an earlier run of this script when there is one "
@@ -77,19 +83,34 @@ def _png_pool(n: int = 64) -> list[bytes]:
     return out
 
 
-def ensure_gallery(spark, path: str, marker: Path, n: int, seed: int) -> bool:
+def _distinct_image(id_col):
+    """An 8x8 8-bit PGM per row: its 64 pixels are SHA-256 of the id and of the id + "/2"."""
+    from pyspark.sql import functions as F
+
+    header = F.lit(f"P5\n{IMG} {IMG}\n255\n".encode())
+    return F.concat(header, F.unhex(F.sha2(id_col, 256)),
+                    F.unhex(F.sha2(F.concat(id_col, F.lit("/2")), 256)))
+
+
+def ensure_gallery(spark, path: str, marker: Path, n: int, seed: int,
+                   images: str = "distinct") -> bool:
     from pyspark.sql import functions as F
 
     from fastfill_udfs.spark.delta_io import is_delta_table, write_table
 
     want = {"rows": n, "dim": DIM, "seed": seed, "img": IMG, "pool": 64}
+    if images == "distinct":
+        want = {**want, "pool": 0, "images": "distinct"}
     if marker.is_file() and json.loads(marker.read_text()) == want and is_delta_table(spark, path):
         return False
     pool = F.array(*[F.lit(b) for b in _png_pool()])
+    ids = F.format_string("g%010d", F.col("id"))
+    image = (_distinct_image(ids) if images == "distinct"
+             else F.element_at(pool, (F.col("id") % 64 + 1).cast("int")))
     df = spark.range(0, n, 1, numPartitions=max(2, n // 250_000)).select(
-        F.format_string("g%010d", F.col("id")).alias("id"),
+        ids.alias("id"),
         (F.col("id") % 10).cast("int").alias("label"),
-        F.element_at(pool, (F.col("id") % 64 + 1).cast("int")).alias("image"),
+        image.alias("image"),
         F.array(*[F.randn(seed * 100_003 + j).cast("float") for j in range(DIM)])
         .alias("old_embedding"))
     write_table(df, path)
@@ -148,7 +169,7 @@ def run_child(args) -> dict:
     from fastfill_udfs.spark.session import get_spark
 
     n = args.child
-    base = WORK / "scaling" / f"n{n}"
+    base = WORK / "scaling" / (f"n{n}" if args.images == "pool" else f"n{n}_{args.images}")
     base.mkdir(parents=True, exist_ok=True)
     cfg = load_config([], [
         f"paths.warehouse={base / 'warehouse'}", f"paths.outputs={base / 'outputs'}",
@@ -159,9 +180,9 @@ def run_child(args) -> dict:
     spark = get_spark(cfg["spark"])
     spark.sparkContext.setLogLevel("WARN")
     paths = table_paths(cfg, "bench_uncertainty")
-    out: dict = {"rows": n, "batch": args.batch}
+    out: dict = {"rows": n, "batch": args.batch, "images": args.images}
     t, made = timed(lambda: ensure_gallery(spark, paths.gallery, base / "gallery.json", n,
-                                           args.seed))
+                                           args.seed, args.images))
     if made:
         out["generate_s"] = t
         _log(f"n={n}: generated the gallery in {t:.0f} s")
@@ -271,13 +292,15 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     results = []
     for n in sizes:
-        tmp = WORK / "scaling" / f"result_n{n}.json"
+        tmp = WORK / "scaling" / (f"result_n{n}.json" if args.images == "pool"
+                                  else f"result_n{n}_{args.images}.json")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--child", str(n), "--child-out", str(tmp),
                "--batch", str(args.batch), "--measure-batches", str(args.measure_batches),
                "--whole", str(args.whole), "--before-sizes",
                ",".join(map(str, args.before_sizes)), "--master", args.master,
-               "--driver-memory", args.driver_memory, "--seed", str(args.seed)]
+               "--driver-memory", args.driver_memory, "--seed", str(args.seed),
+               "--images", args.images]
         if args.reuse and tmp.is_file():
             _log(f"n={n}: reusing {tmp}")
         else:
