@@ -623,11 +623,14 @@ def findings_section(scoring: dict | None, batch: dict | None) -> list[str]:
         lo, hi = min(r["merge_s"] for r in m), max(r["merge_s"] for r in m)
         sizes = ", ".join(f"{r['batch_size']:,}" for r in m)
         out.append(
-            f"- MERGE of a batch into a {batch['merge']['gallery_rows']:,}-row gallery_features "
+            f"- MERGE of a batch into an unpartitioned {batch['merge']['gallery_rows']:,}-row "
+            f"gallery_features (bench_batch_cost.py, the layout before `planned_batch_id`) "
             f"takes {lo:.1f}-{hi:.1f} s whatever the batch size "
             f"({sizes} rows): the fixed cost of a Delta "
             "commit and of the join's scan dominates; batches of randomly placed ids touch "
-            "every data file, so without deletion vectors each MERGE rewrites the table."
+            "every data file, so without deletion vectors each MERGE rewrites the table. The "
+            "partitioned layout rank_gallery writes now rewrites only the batch's own "
+            "partition (see the scaling section)."
             + (" Deletion vectors did not pay at this size." if any(
                 r["variant"] == "deletion_vectors" for r in batch["merge"]["rows"]) else ""))
     step = _load("eval_step.json")
