@@ -9,7 +9,8 @@ The report trains the CNNs 8 epochs (the demo: fewer, to fit its time budget; th
 model's old CNN keeps its 4) and caches them
 in study.model_cache (default .cache/study_models), so a rerun only retrains h and recomputes
 the curves; each study's tables are kept in <paths.outputs>/report/studies/ and reused while
-its config is unchanged (--recompute runs them again). Writes <paths.outputs>/report/
+its config is unchanged (--recompute runs them again; --kept-only reports the kept ones
+without running any). Writes <paths.outputs>/report/
 (study_report.csv per seed, study_report_summary.csv
 aggregated, study_report_curves.csv, study_report.md, study_report.png); --docs also copies the
 markdown and the plot to docs/. Needs no Spark and no MLflow.
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--docs", action="store_true", help="also write docs/study_report.{md,png}")
     p.add_argument("--recompute", action="store_true",
                    help="run every study again instead of reusing its kept tables")
+    p.add_argument("--kept-only", action="store_true",
+                   help="report only the studies already kept (run none); seeds per scenario")
     args = p.parse_args(argv)
     setup_logging()
     from fastfill_udfs.config import ConfigError
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
         cfg = scenario_config(scenarios[0], seeds[0], overrides, args.config)
         out = Path(cfg.resolve_path("paths.outputs")) / "report"
         tables = collect(scenarios, seeds, overrides, args.config,
-                         cache_dir=out / "studies", reuse=not args.recompute)
+                         cache_dir=out / "studies", reuse=not args.recompute,
+                         kept_only=args.kept_only)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,7 +67,10 @@ def main(argv=None) -> int:
     agg.to_csv(out / "study_report_summary.csv", index=False)
     tables["curves"].to_csv(out / "study_report_curves.csv", index=False)
     tables["references"].to_csv(out / "study_report_references.csv", index=False)
-    md = report_markdown(agg, tables["references"], POLICY_LABELS, seeds)
+    kept = tables["summary"].groupby("scenario", sort=False)["seed"].unique()
+    md = report_markdown(agg, tables["references"], POLICY_LABELS,
+                         {sc: sorted(int(x) for x in v) for sc, v in kept.items()}
+                         if args.kept_only else seeds)
     minutes = tables["seconds"].groupby("scenario")["seconds"].mean() / 60
     md += "\nMinutes per study (mean over seeds, this machine): " + ", ".join(
         f"{s} {m:.1f}" for s, m in minutes.items()) + "\n"

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -71,13 +71,14 @@ def _save_cached(folder: Path, tables: dict, seconds: float) -> None:
 
 def collect(scenarios: Sequence[str], seeds: Sequence[int], overrides: Sequence[str] = (),
             extra_configs: Sequence[str] = (), cache_dir: str | Path | None = None,
-            reuse: bool = True) -> dict[str, pd.DataFrame]:
+            reuse: bool = True, kept_only: bool = False) -> dict[str, pd.DataFrame]:
     """Run `demo.study.run_study` for every (scenario, seed). Returns long tables `summary`,
     `curves` and `references`, each with `scenario` and `seed` columns, and `seconds` (one
     row per study). With `cache_dir`, each study's tables are kept under
     `<cache_dir>/<scenario>_seed<k>_<study_key>/` and, with `reuse`, taken from there while
-    its config is unchanged.
-    Raises ValueError for an unknown scenario or no seeds."""
+    its config is unchanged; `kept_only` leaves out the studies not kept there instead of
+    running them. Raises ValueError for an unknown scenario, no seeds, or (`kept_only`) no
+    kept study at all."""
     from fastfill_udfs.demo.study import run_study
 
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -95,6 +96,9 @@ def collect(scenarios: Sequence[str], seeds: Sequence[int], overrides: Sequence[
             if result is not None:
                 log.info("=== study: scenario %s, seed %d: reused %s ===", scenario, seed, folder)
                 seconds = float(result.pop("seconds"))
+            elif kept_only:
+                log.warning("study: scenario %s, seed %d: not kept yet, left out", scenario, seed)
+                continue
             else:
                 log.info("=== study: scenario %s, seed %d ===", scenario, seed)
                 start = time.monotonic()
@@ -111,6 +115,9 @@ def collect(scenarios: Sequence[str], seeds: Sequence[int], overrides: Sequence[
                 tables[name].append(df)
             tables["seconds"].append(pd.DataFrame([{"scenario": scenario, "seed": int(seed),
                                                     "seconds": seconds}]))
+    if not tables["summary"]:
+        raise ValueError(f"no kept study for scenarios {list(scenarios)} and seeds {list(seeds)} "
+                         f"in {cache_dir}")
     return {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}
 
 
@@ -133,14 +140,18 @@ def _pm(mean: float, std: float, fmt: str = ".4f", scale: float = 1.0) -> str:
 
 
 def report_markdown(agg: pd.DataFrame, references: pd.DataFrame, labels: dict,
-                    seeds: Sequence[int]) -> str:
+                    seeds) -> str:
     """Markdown tables per scenario: the reference points and, per policy, mean ± std over the
     seeds of mAP AUC (trapezoid and mean of points), top-1 AUC, closure, the fraction to get
-    within 0.5 mAP points of new/new, and the lowest top-1 difference to FCT-random."""
-    lines = [f"Seeds {', '.join(str(s) for s in seeds)}: mean ± standard deviation over seeds.",
-             ""]
+    within 0.5 mAP points of new/new, and the lowest top-1 difference to FCT-random. `seeds`:
+    the seeds of every scenario, or {scenario: its seeds} when they differ."""
+    per_scenario = isinstance(seeds, Mapping)
+    lines = ["Mean ± standard deviation over seeds"
+             + ("" if per_scenario else f" (seeds {', '.join(str(s) for s in seeds)})") + ".", ""]
     for scenario, block in agg.groupby("scenario", sort=False):
         lines += [f"### {SCENARIO_LABELS.get(scenario, scenario)}", ""]
+        if per_scenario:
+            lines += [f"Seeds {', '.join(str(s) for s in seeds[scenario])}.", ""]
         refs = references[references.scenario == scenario]
         ref_rows = []
         for setting, r in refs.groupby("setting", sort=False):

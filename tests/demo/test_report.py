@@ -84,3 +84,16 @@ def test_collect_keeps_each_study_and_reruns_only_changed_configs(tmp_path, monk
     (next(cache.glob("new_classes_seed1_*")) / "seconds.json").unlink()
     collect(["new_classes"], [0, 1], cache_dir=cache)
     assert len(runs) == 5 and runs[-1][0] == 1
+    # kept_only: report what is kept, run nothing
+    kept = collect(["new_classes"], [0, 1, 7], cache_dir=cache, kept_only=True)
+    assert len(runs) == 5 and sorted(kept["summary"]["seed"].unique()) == [0, 1]
+    with pytest.raises(ValueError, match="no kept study"):
+        collect(["bigger_model"], [0], cache_dir=cache, kept_only=True)
+
+
+def test_markdown_names_the_seeds_of_each_scenario():
+    summary, _, refs = _tables()
+    md = report_markdown(aggregate(summary), refs, {}, {"new_classes": [0, 1, 2],
+                                                        "bigger_model": [0]})
+    assert "Seeds 0, 1, 2." in md and "Seeds 0." in md
+    assert "Seeds 0, 1, 2:" not in md and "(seeds" not in md
