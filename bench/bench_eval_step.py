@@ -151,9 +151,8 @@ class TodayPath:
             self.index.build(self.key_of[pdf["id"]].to_numpy(), vectors)
         self.indexed_batch = batch_id
         t1, c1 = time.perf_counter(), time.process_time()
-        keys, vectors = self.index.reconstruct_all()
-        if self.index.space.l2:         # stored [2g, -|g|^2] (2g exact in float32): back to g
-            vectors = vectors[:, :-1] / 2
+        keys, stored = self.index.reconstruct_all()
+        vectors = self.index.space.embeddings(stored)
         q = self.queries
         kwargs = dict(query_ids=q.ids, gallery_ids=self.gallery["id"].to_numpy(dtype=object)[keys],
                       topk=(1, 5), block_size=self.cfg.get_path("evaluation.query_block_size"),

@@ -83,6 +83,11 @@ def _png_pool(n: int = 64) -> list[bytes]:
     return out
 
 
+def _images_suffix(images: str) -> str:
+    """Folder / result name suffix: "" for the pooled images (the first runs' names)."""
+    return "" if images == "pool" else f"_{images}"
+
+
 def _distinct_image(id_col):
     """An 8x8 8-bit PGM per row: its 64 pixels are SHA-256 of the id and of the id + "/2"."""
     from pyspark.sql import functions as F
@@ -103,10 +108,9 @@ def ensure_gallery(spark, path: str, marker: Path, n: int, seed: int,
         want = {**want, "pool": 0, "images": "distinct"}
     if marker.is_file() and json.loads(marker.read_text()) == want and is_delta_table(spark, path):
         return False
-    pool = F.array(*[F.lit(b) for b in _png_pool()])
     ids = F.format_string("g%010d", F.col("id"))
-    image = (_distinct_image(ids) if images == "distinct"
-             else F.element_at(pool, (F.col("id") % 64 + 1).cast("int")))
+    image = (_distinct_image(ids) if images == "distinct" else F.element_at(
+        F.array(*[F.lit(b) for b in _png_pool()]), (F.col("id") % 64 + 1).cast("int")))
     df = spark.range(0, n, 1, numPartitions=max(2, n // 250_000)).select(
         ids.alias("id"),
         (F.col("id") % 10).cast("int").alias("label"),
@@ -169,7 +173,7 @@ def run_child(args) -> dict:
     from fastfill_udfs.spark.session import get_spark
 
     n = args.child
-    base = WORK / "scaling" / (f"n{n}" if args.images == "pool" else f"n{n}_{args.images}")
+    base = WORK / "scaling" / f"n{n}{_images_suffix(args.images)}"
     base.mkdir(parents=True, exist_ok=True)
     cfg = load_config([], [
         f"paths.warehouse={base / 'warehouse'}", f"paths.outputs={base / 'outputs'}",
@@ -292,8 +296,7 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     results = []
     for n in sizes:
-        tmp = WORK / "scaling" / (f"result_n{n}.json" if args.images == "pool"
-                                  else f"result_n{n}_{args.images}.json")
+        tmp = WORK / "scaling" / f"result_n{n}{_images_suffix(args.images)}.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--child", str(n), "--child-out", str(tmp),
                "--batch", str(args.batch), "--measure-batches", str(args.measure_batches),

@@ -201,16 +201,22 @@ class VectorSpace:
         """faiss's search output as "higher is better" scores (identity for inner product)."""
         return distances
 
+    def embeddings(self, stored: np.ndarray) -> np.ndarray:
+        """The embeddings behind stored (index-space) vectors, float64: for l2 ``g`` from
+        ``[2g, -|g|^2]`` (exact: 2g was stored in float32); for cosine the stored unit vectors
+        (what cosine scores are taken on)."""
+        x = np.asarray(stored, dtype=np.float64)
+        return x[:, :-1] / 2.0 if self.l2 else x
+
     def exact_vectors(self, stored: np.ndarray) -> np.ndarray:
         """float64 vectors whose inner products with :meth:`exact_query_vectors` are the exact
         scores of stored (index-space) vectors: for cosine the stored float32 vectors
         normalised again in float64, as :func:`fastfill_udfs.metrics.retrieval_metrics`
         normalises its input (zero rows stay zero); for l2 ``[2g, -|g|^2]`` with ``g`` the
         stored float32 embedding and its squared norm taken in float64."""
-        x = np.asarray(stored, dtype=np.float64)
+        x = self.embeddings(stored)
         if self.l2:
-            g = x[:, :-1] / 2.0
-            return np.ascontiguousarray(np.hstack([2.0 * g, -np.einsum("ij,ij->i", g, g)[:, None]]))
+            return np.ascontiguousarray(np.hstack([2.0 * x, -np.einsum("ij,ij->i", x, x)[:, None]]))
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
         return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0))
 

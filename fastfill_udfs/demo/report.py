@@ -45,6 +45,9 @@ def scenario_config(scenario: str, seed: int, overrides: Sequence[str] = (),
                        list(settings) + list(overrides) + [f"seed={int(seed)}"])
 
 
+STUDY_TABLES = ("summary", "curves", "references")   # what one study yields and the cache keeps
+
+
 def study_key(cfg) -> str:
     """The report cache key of one study: a digest of its whole resolved config (seed and
     scenario included), so any changed setting recomputes it."""
@@ -52,18 +55,17 @@ def study_key(cfg) -> str:
 
 
 def _load_cached(folder: Path) -> dict[str, pd.DataFrame] | None:
-    names = ("summary", "curves", "references")
-    if not all((folder / f"{n}.csv").is_file() for n in names) or \
+    if not all((folder / f"{n}.csv").is_file() for n in STUDY_TABLES) or \
             not (folder / "seconds.json").is_file():
         return None
-    out = {n: pd.read_csv(folder / f"{n}.csv") for n in names}
+    out = {n: pd.read_csv(folder / f"{n}.csv") for n in STUDY_TABLES}
     out["seconds"] = json.loads((folder / "seconds.json").read_text())["seconds"]
     return out
 
 
 def _save_cached(folder: Path, tables: dict, seconds: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("summary", "curves", "references"):
+    for name in STUDY_TABLES:
         tables[name].to_csv(folder / f"{name}.csv", index=False)
     # written last: a study interrupted while saving is recomputed, never half-read
     (folder / "seconds.json").write_text(json.dumps({"seconds": seconds}))
@@ -104,11 +106,11 @@ def collect(scenarios: Sequence[str], seeds: Sequence[int], overrides: Sequence[
                 start = time.monotonic()
                 study = run_study(cfg)
                 seconds = time.monotonic() - start
-                result = {n: getattr(study, n) for n in ("summary", "curves", "references")}
+                result = {n: getattr(study, n) for n in STUDY_TABLES}
                 if folder:
                     _save_cached(folder, result, seconds)
                 log.info("scenario %s seed %d done in %.0f s", scenario, seed, seconds)
-            for name in ("summary", "curves", "references"):
+            for name in STUDY_TABLES:
                 df = result[name].copy()
                 df.insert(0, "seed", int(seed))
                 df.insert(0, "scenario", scenario)
