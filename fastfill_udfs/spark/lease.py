@@ -39,13 +39,28 @@ def is_write_conflict(exc: BaseException) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while process `pid` runs. A zombie counts as gone: a driver killed with its
+    spark-submit parent is reparented to PID 1, and in a container whose PID 1 never reaps,
+    it stays a zombie that `kill(pid, 0)` still finds."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    state = _proc_state(pid)
+    if state is None:   # no /proc (macOS: trust kill), or the entry vanished since
+        return not os.path.isdir("/proc/self")
+    return state not in ("Z", "X")
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (R, S, D, Z, ...), None where /proc has no entry."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:][:1] or None   # the name in (...) may hold spaces
 
 
 class RunLease:

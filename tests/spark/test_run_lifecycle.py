@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastfill_udfs.spark.delta_io import read_table, table_paths
+from fastfill_udfs.spark.lease import _pid_alive
 
 from .conftest import TINY
 
@@ -230,6 +231,11 @@ def test_after_kill_9_the_next_job_records_the_job_that_is_gone(spark, pipeline_
     gone = found.data.tags["fastfill.job"]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=120)
+    driver = int(gone.split(":")[1])    # the Python driver, a child of the JVM, dies apart
+    deadline = time.monotonic() + 60
+    while _pid_alive(driver):           # a zombie counts as gone (CI's PID 1 may not reap)
+        assert time.monotonic() < deadline, f"driver {driver} still alive after SIGKILL"
+        time.sleep(0.1)
     status, tags = _status(cfg, found.info.run_id)
     assert status == "RUNNING" and tags["fastfill.job"] == gone   # nothing could mark it
     done = backfill_job(cfg, policy="random", evaluate=True)
