@@ -300,8 +300,8 @@ def main(argv=None) -> int:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--child", str(n), "--child-out", str(tmp),
                "--batch", str(args.batch), "--measure-batches", str(args.measure_batches),
-               "--whole", str(args.whole), "--before-sizes",
-               ",".join(map(str, args.before_sizes)), "--master", args.master,
+               "--whole", str(args.whole),
+               "--before-sizes=" + ",".join(map(str, args.before_sizes)), "--master", args.master,
                "--driver-memory", args.driver_memory, "--seed", str(args.seed),
                "--images", args.images]
         if args.reuse and tmp.is_file():

@@ -5,9 +5,11 @@ old/new train embeddings (cached too), compute curves for orders, distances and 
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,37 @@ from fastfill_udfs.training import train_transformation, transform  # noqa: E402
 
 CACHE = ROOT / ".cache" / "curve"
 FRACTIONS = np.round(np.linspace(0, 1, 21), 10)
+# the h of the analysis scripts (the study's own h settings live in conf/)
+H_DEFAULT = dict(hidden_dim=512, num_hidden_layers=2, epochs=20, batch_size=1024, lr=5e-4,
+                 warmup_epochs=3, freeze_bn_after=0.5, label_smoothing=0.1)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def scenario_parser(description: str) -> argparse.ArgumentParser:
+    """--scenario, --seed, --distance and --h (JSON overrides of H_DEFAULT)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distance", default="l2")
+    p.add_argument("--h", default="{}", help="JSON overrides of h's settings")
+    return p
+
+
+def load_with_h(args, threads: int = 1) -> tuple[dict, Transformation, Transformation]:
+    """The cached scenario of `args` and its FastFill and FCT h (trained once, then cached)."""
+    torch.set_num_threads(threads)
+    d = load(args.scenario, args.seed)
+    hk = {**H_DEFAULT, **json.loads(args.h)}
+    t0 = time.time()
+    hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **hk)
+    hc = get_h(d, "fct", d["fit_idx"], seed=2, **hk)
+    print(f"h ready in {time.time() - t0:.0f} s ({hk})")
+    return d, hf, hc
 
 
 def load(scenario: str, seed: int, tag: str = "") -> dict:

@@ -9,33 +9,22 @@ curve on B (mAP AUC, closure against FCT-random, fraction to get within 0.5 poin
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
 import numpy as np
 import pandas as pd
 import torch
 
-from curve_lib import CACHE, apply_h, curve, get_h, load, ref, summarise
+from curve_lib import (CACHE, apply_h, curve, load_with_h, ref, scenario_parser, softmax,
+                       summarise)
 
 from fastfill_udfs.policies import fit_prototypes, order_scores, rank_order
 from fastfill_udfs.reachability import item_map_benefit, item_top1_benefit
 
-H_DEFAULT = dict(hidden_dim=512, num_hidden_layers=2, epochs=20, batch_size=1024, lr=5e-4,
-                 warmup_epochs=3, freeze_bn_after=0.5, label_smoothing=0.1)
 FRACTIONS11 = np.round(np.linspace(0, 1, 11), 10)
 
 
 def spearman(a, b):
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def features(d, old, t, s, protos):
@@ -71,20 +60,10 @@ def fit_mlp(x, y, hidden=64, epochs=400, lr=1e-2, wd=1e-4, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distance", default="l2")
-    ap.add_argument("--h", default="{}")
+    ap = scenario_parser(__doc__.splitlines()[0])
     ap.add_argument("--curves", default="sigma,cls_margin,mlp_scalars,mlp_full,gbm_full,benefit_true")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    d = load(a.scenario, a.seed)
-    hk = {**H_DEFAULT, **json.loads(a.h)}
-    t0 = time.time()
-    hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **hk)
-    hc = get_h(d, "fct", d["fit_idx"], seed=2, **hk)
-    print(f"h ready in {time.time() - t0:.0f} s ({hk})")
+    d, hf, hc = load_with_h(a)
     dist = a.distance
     protos = fit_prototypes(d["new_train"][d["fit_idx"]], d["y_train"][d["fit_idx"]], distance=dist)
     part = {}

@@ -20,14 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from curve_lib import CACHE, FRACTIONS, apply_h, curve, get_h, load, ref, summarise
+from curve_lib import (CACHE, H_DEFAULT, apply_h, curve, get_h, load, ref,
+                       summarise)
 
 from fastfill_udfs.policies import order_scores, rank_order
 from fastfill_udfs.reachability import greedy_order, per_class_map, similarity_stats
-
-H_DEFAULT = dict(hidden_dim=512, num_hidden_layers=2, epochs=20, batch_size=1024, lr=5e-4,
-                 warmup_epochs=3, freeze_bn_after=0.5, label_smoothing=0.1)
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

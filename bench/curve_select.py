@@ -12,29 +12,19 @@ within 0.5 mAP points of new/new, top-1 AUC and the worst top-1 difference to ra
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
 import pandas as pd
-import torch
 
-from curve_lib import CACHE, apply_h, classifier, curve, get_h, load, ref, summarise
+from curve_lib import (CACHE, apply_h, classifier, curve, load_with_h, ref, scenario_parser,
+                       softmax, summarise)
 
 from fastfill_udfs.calibration import fit_calibration, identity_calibration, item_correction
 from fastfill_udfs.policies import fit_prototypes, order_scores, rank_order
 from fastfill_udfs.reachability import item_map_benefit
 from fastfill_udfs.training import fit_benefit_head, fit_uncertainty_head
 
-H_DEFAULT = dict(hidden_dim=512, num_hidden_layers=2, epochs=20, batch_size=1024, lr=5e-4,
-                 warmup_epochs=3, freeze_bn_after=0.5, label_smoothing=0.1)
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def scores_for(d, rows, t, sigma, extra):
@@ -52,22 +42,12 @@ def scores_for(d, rows, t, sigma, extra):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distance", default="l2")
+    ap = scenario_parser(__doc__.splitlines()[0])
     ap.add_argument("--swap", action="store_true", help="fit on B, evaluate on A")
-    ap.add_argument("--h", default="{}", help="JSON overrides of h's settings")
     ap.add_argument("--orders", default="")
     ap.add_argument("--calibrations", default="none,affine,affine_sigma")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    d = load(a.scenario, a.seed)
-    hk = {**H_DEFAULT, **json.loads(a.h)}
-    t0 = time.time()
-    hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **hk)
-    hc = get_h(d, "fct", d["fit_idx"], seed=2, **hk)
-    print(f"h ready in {time.time() - t0:.0f} s ({hk})")
+    d, hf, hc = load_with_h(a)
     A, B = (d["valB"], d["valA"]) if a.swap else (d["valA"], d["valB"])
     dist = a.distance
     # held-out fit set A

@@ -65,7 +65,7 @@ def benchmarks(args) -> dict[str, list[str]]:
         # a whole backfill, every row its own image (new embeddings as distinct as real ones)
         "scaling_whole": ["bench/bench_scaling.py", "--sizes", args.scaling_whole,
                           "--batch", "10000", "--whole", args.scaling_whole,
-                          "--before-sizes", "", "--images", "distinct",
+                          "--before-sizes=", "--images", "distinct",
                           "--out", "scaling_whole.json"],
     }
 
