@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -57,7 +58,7 @@ def _pid_alive(pid: int) -> bool:
 def _proc_state(pid: int) -> str | None:
     """The state letter of /proc/<pid>/stat (R, S, D, Z, ...), None where /proc has no entry."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     return stat[stat.rfind(")") + 2:][:1] or None   # the name in (...) may hold spaces

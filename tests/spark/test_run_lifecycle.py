@@ -182,6 +182,11 @@ def _wait_until_working(cfg, run: str, proc, log: Path, timeout: float = 600):
         time.sleep(0.2)
 
 
+def _driver_pid(job: str) -> int:
+    """The Python driver's pid in a job name (the lease owner, host:pid:token)."""
+    return int(job.split(":")[1])
+
+
 def _logged_batches(cfg, run) -> int:
     from pyspark.sql import SparkSession
 
@@ -208,7 +213,7 @@ def test_sigterm_to_a_spark_submit_job_marks_it_killed(spark, pipeline_env, tmp_
     log = tmp_path / "job.log"
     proc = _submit(pipeline_env, "lifeterm", log)
     found = _wait_until_working(cfg, "lifeterm_random", proc, log)
-    pid = int(found.data.tags["fastfill.job"].split(":")[1])   # the job's Python driver
+    pid = _driver_pid(found.data.tags["fastfill.job"])
     os.kill(pid, signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     assert "stopped: terminated by SIGTERM" in log.read_text()
@@ -231,7 +236,7 @@ def test_after_kill_9_the_next_job_records_the_job_that_is_gone(spark, pipeline_
     gone = found.data.tags["fastfill.job"]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=120)
-    driver = int(gone.split(":")[1])    # the Python driver, a child of the JVM, dies apart
+    driver = _driver_pid(gone)          # a child of the JVM: it dies apart from it
     deadline = time.monotonic() + 60
     while _pid_alive(driver):           # a zombie counts as gone (CI's PID 1 may not reap)
         assert time.monotonic() < deadline, f"driver {driver} still alive after SIGKILL"
