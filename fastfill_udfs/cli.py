@@ -9,8 +9,10 @@ from typing import Callable, Sequence
 from fastfill_udfs.config import Config, ConfigError, add_config_arguments, config_from_args
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a `pipelines/` job; its --help description is the first paragraph of
+    `doc` (the job's docstring), whose sentence often runs over two lines."""
+    parser = argparse.ArgumentParser(description=" ".join(doc.strip().split("\n\n")[0].split()))
     add_config_arguments(parser)
     parser.add_argument("--master", default=None,
                         help="Spark master URL (overrides spark.master and spark-submit's)")

@@ -10,5 +10,5 @@ from fastfill_udfs.cli import job_parser, run_job
 from fastfill_udfs.environment import check_environment
 
 if __name__ == "__main__":
-    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__)
     sys.exit(run_job(parser, lambda cfg, args: check_environment(cfg, master=args.master)))

@@ -13,7 +13,7 @@ from fastfill_udfs.cli import job_parser, run_job
 
 
 def build_parser():
-    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__)
     parser.add_argument("--run-prefix", default=None,
                         help="only runs named <prefix>_<policy> (default: run_name; '' = all)")
     parser.add_argument("--filter", dest="filter_string", default=None,

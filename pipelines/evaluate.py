@@ -11,7 +11,7 @@ from fastfill_udfs.cli import job_parser, run_job
 from fastfill_udfs.spark.jobs import evaluate_job
 
 if __name__ == "__main__":
-    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__)
     parser.add_argument("--policy", choices=["uncertainty", "random"],
                         help="which run to evaluate (default: backfill.policy)")
     sys.exit(run_job(parser, lambda cfg, args: evaluate_job(

@@ -10,7 +10,7 @@ import sys
 from fastfill_udfs.cli import job_parser, run_job
 
 if __name__ == "__main__":
-    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__)
     parser.add_argument("--skip-study", action="store_true",
                         help="reuse the registered models (models.old/new/h) instead of training them again")
 

@@ -18,7 +18,7 @@ from fastfill_udfs.cli import job_parser, run_job
 
 
 def main(argv=None) -> int:
-    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__)
     parser.add_argument("--policy", choices=["uncertainty", "random"],
                         help="which run to search (default: backfill.policy)")
     query = parser.add_mutually_exclusive_group(required=True)
