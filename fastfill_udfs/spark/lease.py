@@ -87,9 +87,10 @@ class RunLease:
             return True
         return row["host"] == self.host and row["pid"] != self.pid and not _pid_alive(row["pid"])
 
-    def _merge(self, expected_owner: str | None) -> None:
-        """Compare-and-swap: write our row when the lease is free or still held by
-        `expected_owner` (a holder found dead)."""
+    def _merge(self, expected_owner: str | None) -> bool:
+        """Compare-and-swap: write our row when the lease is free, ours, or still held by
+        `expected_owner` (a holder found dead). True when the MERGE wrote our row: it matched
+        or inserted exactly one row, atomically, so no read-back is needed."""
         from delta.tables import DeltaTable
 
         if not is_delta_table(self.spark, self.path):
@@ -105,32 +106,40 @@ class RunLease:
                                             set={"heartbeat_at": "n.heartbeat_at"})
         else:  # take over from a holder found dead, unless someone else was faster
             merge = merge.whenMatchedUpdateAll(condition=f"l.owner = '{expected_owner}'")
-        merge.whenNotMatchedInsertAll().execute()
+        counts = merge.whenNotMatchedInsertAll().execute().first()
+        return int(counts["num_affected_rows"]) == 1
+
+    def _busy(self, row) -> RunBusyError:
+        return RunBusyError(
+            f"run '{self.run}' is already being backfilled by {row['owner']} (host "
+            f"{row['host']}, pid {row['pid']}) since {row['acquired_at']} UTC, last "
+            f"heartbeat {row['heartbeat_at']} UTC. Not starting it twice: wait for that "
+            f"job, or, if it died on another machine, rerun after "
+            f"backfill.lease_timeout_s ({self.timeout_s:.0f} s) without a heartbeat")
 
     def acquire(self) -> "RunLease":
+        """Take the lease: one MERGE when it is free (the common case); otherwise read who
+        holds it and take it over when that holder is gone. Raises RunBusyError naming a live
+        holder, or when five tries lost to concurrent writers."""
+        expected = None                 # first try: a free lease
         for attempt in range(5):
-            row = self._current()
-            if row is not None and row["owner"] != self.owner and not self._dead(row):
-                raise RunBusyError(
-                    f"run '{self.run}' is already being backfilled by {row['owner']} (host "
-                    f"{row['host']}, pid {row['pid']}) since {row['acquired_at']} UTC, last "
-                    f"heartbeat {row['heartbeat_at']} UTC. Not starting it twice: wait for that "
-                    f"job, or, if it died on another machine, rerun after "
-                    f"backfill.lease_timeout_s ({self.timeout_s:.0f} s) without a heartbeat")
-            if row is not None and row["owner"] != self.owner:
-                log.warning("run %s: taking over the lease of %s (it is gone)", self.run,
-                            row["owner"])
             try:
-                self._merge(row["owner"] if row is not None else None)
+                if self._merge(expected):
+                    self._renewed = time.monotonic()
+                    return self
             except Exception as exc:  # a concurrent writer won: read again who holds it
                 if not is_write_conflict(exc):
                     raise
                 time.sleep(0.2 * (attempt + 1))
-                continue
             row = self._current()
-            if row is not None and row["owner"] == self.owner:
-                self._renewed = time.monotonic()
-                return self
+            if row is None:
+                expected = None
+                continue
+            if not self._dead(row):
+                raise self._busy(row)
+            log.warning("run %s: taking over the lease of %s (it is gone)", self.run,
+                        row["owner"])
+            expected = row["owner"]
         row = self._current()
         raise RunBusyError(f"run '{self.run}': could not take its lease, held by "
                            f"{row['owner'] if row else 'nobody'}")
@@ -143,9 +152,8 @@ class RunLease:
 
     def renew(self) -> None:
         """Heartbeat; raises RunBusyError when the lease was taken over meanwhile."""
-        self._merge(None)
-        row = self._current()
-        if row is None or row["owner"] != self.owner:
+        if not self._merge(None):
+            row = self._current()
             raise RunBusyError(f"run '{self.run}': lost the lease to "
                                f"{row['owner'] if row else 'nobody'}")
         self._renewed = time.monotonic()
