@@ -11,6 +11,8 @@ Benchmarks (each writes bench/results/<name>.json and prints its own table):
                   scripts/cluster/start_cluster.sh (driver JVM = driver only); skipped with a
                   note when the cluster cannot start
   batch_cost      bench_batch_cost.py: MERGE vs batch size
+  features_write  bench_features_write.py: the gallery_features write with and without Parquet
+                  dictionaries (conf/base.yaml turns them off)
   eval_step       bench_eval_step.py: the evaluation step (10k x 10k LOO), today's path vs the
                   sharded search, side by side
   faiss           bench_faiss_update.py: incremental upsert vs full rebuild
@@ -54,6 +56,8 @@ def benchmarks(args) -> dict[str, list[str]]:
                            "--conf", "spark.sql.files.maxPartitionBytes=33554432",
                            "--out", "scoring_memory_cluster.json"],
         "batch_cost": ["bench/bench_batch_cost.py", "--deletion-vectors"],
+        "features_write": ["bench/bench_features_write.py", "--rows", "1000000", "--dim", "128",
+                           "--rounds", "3", "--out", "features_write.json"],
         "eval_step": ["bench/bench_eval_step.py", "--n", "10000", "--batch-sizes", "500,3000",
                       "--steps", "3", "--out", "eval_step.json"],
         "faiss": ["bench/bench_faiss_update.py", "--n", "1000000", "--repeats", "3",
@@ -335,6 +339,32 @@ def batch_section(res: dict | None, rows: list) -> list[str]:
             label = "deletion vectors on" if r["variant"] == "deletion_vectors" else "default"
             out.append(f"| {label} | {r['batch_size']:,} | {r['merge_s']:.2f} | {r['rows_per_s']:,.0f} |")
         out.append("")
+    return out
+
+
+def features_write_section(res: dict | None, rows: list) -> list[str]:
+    out = ["## Writing gallery_features: Parquet dictionaries on and off", ""]
+    if not res:
+        return out + ["No results yet: run `" + PY + " bench/bench_features_write.py`.", ""]
+    st, sm = res["settings"], res["summary"]
+    out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}; "
+            f"master `{st['master']}`.", "",
+            f"{st['rows']:,} rows of the features table's columns (`embedding` of {st['dim']} "
+            f"floats), shuffled into {st['batches']} planned batches and persisted before the "
+            "clock starts; the timed statement is the partitioned Delta write. Medians of "
+            f"{st['rounds']} interleaved rounds after an untimed write of each:", "",
+            "| Parquet dictionaries | write s | read back s | MiB | columns with a dictionary page |",
+            "|---|---|---|---|---|"]
+    for name, label in (("dictionary", "on (Parquet's default)"),
+                        ("no_dictionary", "off (conf/base.yaml)")):
+        cols = res["runs"][name][-1]["dictionary_columns"]
+        out.append(f"| {label} | {sm[name]['write_s']:.1f} | {sm[name]['read_s']:.1f} | "
+                   f"{sm[name]['mib']:.0f} | {', '.join(f'`{c}`' for c in cols) or 'none'} |")
+    out.append("")
+    rows.append((f"gallery_features write, dictionaries off / on ({st['rows']:,} x {st['dim']})",
+                 f"{sm['write_ratio']:.2f}x (read back {sm['read_ratio']:.2f}x)", "<= 1x",
+                 _status(sm["write_ratio"] <= 1.0 and sm["read_ratio"] <= 1.1), "",
+                 res["command"]))
     return out
 
 
@@ -672,6 +702,7 @@ def write_report(path: Path) -> str:
                             _load("scoring_5m.json"))
     body += scaling_section(_load("scaling.json"), rows, _load("scaling_whole.json"))
     body += batch_section(_load("batch_cost.json"), rows)
+    body += features_write_section(_load("features_write.json"), rows)
     body += eval_step_section(_load("eval_step.json"), rows)
     body += faiss_section(_load("faiss_update.json"), rows)
     body += metrics_section(_load("metrics.json"), rows)
@@ -701,7 +732,8 @@ def write_report(path: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="scoring,memory_cluster,batch_cost,eval_step,faiss,metrics",
+    ap.add_argument("--only", default="scoring,memory_cluster,batch_cost,features_write,"
+                                      "eval_step,faiss,metrics",
                     help="comma-separated subset of the benchmarks")
     ap.add_argument("--report-only", action="store_true", help="only rewrite BENCHMARKS.md")
     ap.add_argument("--with-5m", action="store_true", help="add the 5M-row gallery (scoring, memory)")
