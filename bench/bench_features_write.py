@@ -7,10 +7,10 @@ The rows have the features table's columns (id, embedding array<float> of --dim,
 batch_id, updated_at, model_version, planned_batch_id), are generated in Spark, shuffled by
 `planned_batch_id` as rank_gallery does and persisted to disk before any clock starts, so the
 timed statement is the partitioned Delta write alone (the Parquet encoding and the commit).
-After one untimed write of each, rounds alternate the order of the two variants: `parquet.enable.dictionary` true (Parquet's own
-default) and false (conf/base.yaml). Per variant: write seconds, bytes on disk, the columns that
-kept a dictionary page, and the seconds to read the table back (`noop` sink), since the
-backfill and the evaluation read these files.
+After one untimed write of each, rounds alternate the order of the two variants:
+`parquet.enable.dictionary` true (Parquet's own default) and false (conf/base.yaml). Per
+variant: write seconds, bytes on disk, the columns that kept a dictionary page, and the seconds
+to read the table back (`noop` sink), since the backfill and the evaluation read these files.
 
 Results: bench/results/features_write.json (or --out).
 """
@@ -39,20 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def dictionary_columns(files: list[str]) -> list[str]:
-    """Column paths that hold a dictionary page in any row group of `files`."""
-    import pyarrow.parquet as pq
-
-    found = set()
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        for g in range(meta.num_row_groups):
-            for c in range(meta.num_columns):
-                if meta.row_group(g).column(c).has_dictionary_page:
-                    found.add(meta.row_group(g).column(c).path_in_schema)
-    return sorted(found)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.rows < 1 or args.dim < 1 or args.batches < 1 or args.rounds < 1:
@@ -61,7 +47,7 @@ def main(argv=None) -> int:
     from pyspark.sql import functions as F
 
     from fastfill_udfs.config import load_config
-    from fastfill_udfs.spark.delta_io import read_table
+    from fastfill_udfs.spark.delta_io import dictionary_columns, local_data_files, read_table
     from fastfill_udfs.spark.session import get_spark
 
     cfg = load_config([], [f"spark.master={args.master}", "spark.driver_memory=8g"])
@@ -90,10 +76,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             read_table(spark, str(path)).write.format("noop").mode("overwrite").save()
             read_s = time.perf_counter() - t
-            files = [f.removeprefix("file:") for f in read_table(spark, str(path)).inputFiles()]
+            files = local_data_files(spark, str(path))
             run = {"write_s": write_s, "read_s": read_s, "files": len(files),
                    "mib": sum(os.path.getsize(f) for f in files) / 2**20,
-                   "dictionary_columns": dictionary_columns(files)}
+                   "dictionary_columns": sorted(set().union(*map(dictionary_columns, files)))}
             if r >= 0:
                 out["runs"][name].append(run)
             print(f"round {r if r >= 0 else 'warm-up'} {name:14s} write {write_s:5.1f} s  read {read_s:4.1f} s  "

@@ -148,8 +148,9 @@ def load_numpy(spark, path: str, n: int, dim: int):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = spark.read.format("delta").load(path).inputFiles()
-    files = [f[len("file:"):] if f.startswith("file:") else f for f in files]
+    from fastfill_udfs.spark.delta_io import local_data_files
+
+    files = local_data_files(spark, path)
     table = pa.concat_tables([pq.read_table(f, columns=["old_embedding"]) for f in files])
     col = table.column("old_embedding").combine_chunks()
     x = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable

@@ -150,6 +150,14 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
+def _command_lines(res: dict, detail: str = "") -> list[str]:
+    """A section's `Command:` and `Machine:` lines (`detail`: what follows the machine), then a
+    blank line."""
+    return [f"Command: `{res['command']}`  ",
+            f"Machine: {_machine_line(res.get('machine'))}" + (f"; {detail}" if detail else "") + ".",
+            ""]
+
+
 def _machine_line(m: dict | None) -> str:
     if not m:
         return "unknown machine"
@@ -180,10 +188,10 @@ def _size_row(r: dict, mark: str = "") -> str:
 def _scoring_body(res: dict, rows: list, out: list[str], larger: dict | None = None) -> list[str]:
     s, st = res["summary"], res["settings"]
     h = res["sizes"][0]["h"]
-    out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}; "
-            f"master `{st['master']}`, Arrow batch {st['arrow_batch']} rows, "
-            f"`h` = Transformation({h['old_dim']} -> {h['new_dim']}, hidden {h['hidden']} x "
-            f"{h['layers']}, {h['params']:,} parameters), random init.", "",
+    out += _command_lines(
+        res, f"master `{st['master']}`, Arrow batch {st['arrow_batch']} rows, "
+             f"`h` = Transformation({h['old_dim']} -> {h['new_dim']}, hidden {h['hidden']} x "
+             f"{h['layers']}, {h['params']:,} parameters), random init") + [
             "(a) in-process torch over the same rows read into numpy once (untimed), batches of "
             f"{st['arrow_batch']}, `torch.set_num_threads({res['machine']['nproc']})`; "
             "(b) the Spark scoring path: `udfs.transform_fn` (what rank_gallery runs) via "
@@ -327,7 +335,7 @@ def batch_section(res: dict | None, rows: list) -> list[str]:
     out = ["## Per-batch cost: MERGE", ""]
     if not res:
         return out + ["No results yet: run `" + PY + " bench/bench_batch_cost.py`.", ""]
-    out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}.", ""]
+    out += _command_lines(res)
     if "merge" in res:
         m = res["merge"]
         out += [f"MERGE of precomputed new embeddings into `gallery_features` "
@@ -347,8 +355,7 @@ def features_write_section(res: dict | None, rows: list) -> list[str]:
     if not res:
         return out + ["No results yet: run `" + PY + " bench/bench_features_write.py`.", ""]
     st, sm = res["settings"], res["summary"]
-    out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}; "
-            f"master `{st['master']}`.", "",
+    out += _command_lines(res, f"master `{st['master']}`") + [
             f"{st['rows']:,} rows of the features table's columns (`embedding` of {st['dim']} "
             f"floats), shuffled into {st['batches']} planned batches and persisted before the "
             "clock starts; the timed statement is the partitioned Delta write. Medians of "
@@ -423,8 +430,7 @@ def faiss_section(res: dict | None, rows: list) -> list[str]:
     if not res:
         return out + ["No results yet: run `" + PY + " bench/bench_faiss_update.py --out faiss_update.json`.", ""]
     med, st = res["median_s"], res["settings"]
-    out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}; "
-            f"faiss threads {res.get('faiss_threads')}.", "",
+    out += _command_lines(res, f"faiss threads {res.get('faiss_threads')}") + [
             "| n | dim | shards | batch | rebuild s | upsert (in place) s | ratio | upsert (remove+add) s | ratio |",
             "|---|---|---|---|---|---|---|---|---|",
             f"| {st['n']:,} | {st['dim']} | {st['shards']} | {res['batch']:,} | {med['rebuild']:.4f} | "
@@ -441,7 +447,7 @@ def metrics_section(res: dict | None, rows: list) -> list[str]:
     if not res:
         return out + ["No results yet: run `" + PY + " bench/bench_metrics.py --out metrics.json`.", ""]
     st = res["settings"]
-    out += [f"Command: `{res['command']}`  ", f"Machine: {_machine_line(res.get('machine'))}.", "",
+    out += _command_lines(res) + [
             "| n x n (LOO) | dim | ours float64 s | ours float32 s | sklearn loop s (extrapolated) | "
             "speed-up | mAP abs. difference on the sklearn subset |", "|---|---|---|---|---|---|---|",
             f"| {st['n']:,} | {st['dim']} | {res['ours_float64_s']:.2f} | {res['ours_float32_s']:.2f} | "

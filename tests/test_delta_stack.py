@@ -9,7 +9,8 @@ import pytest
 from delta.tables import DeltaTable
 
 from fastfill_udfs.spark import jars
-from fastfill_udfs.spark.delta_io import (TableNotFoundError, latest_version, read_table,
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, dictionary_columns,
+                                          latest_version, local_data_files, read_table,
                                           write_table)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,23 @@ def test_delta_table_is_readable_without_spark(spark, tmp_path):
                                       "id string, label int, image binary"), path)
     items, rejected = load_image_table(path)
     assert sorted(items["id"]) == ["x", "y"] and rejected.empty
+
+
+def test_data_files_of_the_current_version_and_their_dictionary_columns(spark, tmp_path):
+    path = str(tmp_path / "t")
+    rows = spark.createDataFrame([(str(i), "same") for i in range(50)], "id string, v string")
+    spark.conf.set("parquet.enable.dictionary", "true")
+    try:
+        write_table(rows.coalesce(1), path)
+        first = local_data_files(spark, path)
+        spark.conf.set("parquet.enable.dictionary", "false")
+        write_table(rows.coalesce(1), path)  # overwrite: a new version with a new file
+    finally:
+        spark.conf.unset("parquet.enable.dictionary")
+    now = local_data_files(spark, path)
+    assert len(first) == len(now) == 1 and first != now and Path(now[0]).is_file()
+    assert "v" in dictionary_columns(first[0])        # the constant column kept its dictionary
+    assert dictionary_columns(now[0]) == set()
 
 
 def test_missing_table_is_named(spark, tmp_path):

@@ -79,6 +79,26 @@ def read_table(spark: SparkSession, path: str, version: int | None = None) -> Da
     return reader.load(path)
 
 
+def local_data_files(spark: SparkSession, path: str) -> list[str]:
+    """Filesystem paths of the Parquet files in the current version of the Delta table at
+    `path`, a table on local disk. Raises TableNotFoundError (no table) or ValueError naming a
+    file that is not local."""
+    files = [f.removeprefix("file:") for f in read_table(spark, path).inputFiles()]
+    remote = [f for f in files if "://" in f]
+    if remote:
+        raise ValueError(f"the Delta table at {path} is not on local disk: {remote[0]}")
+    return files
+
+
+def dictionary_columns(parquet_file: str) -> set[str]:
+    """The column paths of `parquet_file` that hold a dictionary page in any row group."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(parquet_file).metadata
+    return {meta.row_group(g).column(c).path_in_schema for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns) if meta.row_group(g).column(c).has_dictionary_page}
+
+
 def write_table(df: DataFrame, path: str, *, mode: str = "overwrite",
                 partition_by: list[str] | None = None, metadata: dict | None = None) -> None:
     """Write `df` as a Delta table at `path` (`mode`: overwrite | append | errorifexists);

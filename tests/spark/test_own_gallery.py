@@ -79,15 +79,6 @@ def pipeline_run(spark, foreign_setup):
     return {"conf": conf, "outputs": outputs}
 
 
-def _dictionary_columns(parquet_file: str) -> set[str]:
-    """The column paths of `parquet_file` that hold a dictionary page in any row group."""
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(parquet_file).metadata
-    return {meta.row_group(g).column(c).path_in_schema for g in range(meta.num_row_groups)
-            for c in range(meta.num_columns) if meta.row_group(g).column(c).has_dictionary_page}
-
-
 def test_readme_config_is_valid_and_the_commands_name_real_jobs():
     from fastfill_udfs.config import load_config
 
@@ -103,7 +94,8 @@ def test_readme_config_is_valid_and_the_commands_name_real_jobs():
 
 def test_own_gallery_end_to_end(spark, foreign_setup, pipeline_run):
     from fastfill_udfs.config import load_config
-    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    from fastfill_udfs.spark.delta_io import (dictionary_columns, local_data_files, read_table,
+                                              table_paths)
     from fastfill_udfs.tracking import configure_mlflow
 
     cfg = load_config([str(pipeline_run["conf"])], overrides(foreign_setup))
@@ -157,8 +149,8 @@ def test_own_gallery_end_to_end(spark, foreign_setup, pipeline_run):
     np.testing.assert_array_equal(np.stack(sampled["embedding"]), np.stack(pairs["new_embedding"]))
     # rank's and backfill's writes follow conf/base.yaml: no Parquet dictionaries (Spark's
     # default would give the constant `source` and `model_version` columns one)
-    files = [f.removeprefix("file:") for f in read_table(spark, paths.gallery_features).inputFiles()]
-    assert files and {f: _dictionary_columns(f) for f in files} == {f: set() for f in files}
+    files = local_data_files(spark, paths.gallery_features)
+    assert files and {f: dictionary_columns(f) for f in files} == {f: set() for f in files}
     log = read_table(spark, paths.backfill_log).toPandas().sort_values("batch_id")
     assert log["n_items"].iloc[0] == len(pairs)
     assert log["n_items"].sum() == (feats["source"] == "new").sum()
