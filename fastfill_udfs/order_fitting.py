@@ -74,8 +74,9 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     Args: ``old``, ``new`` (N x d) and ``labels`` of items h was NOT trained on; ``order_head``
     in :data:`ORDER_HEADS`; ``calibration`` in :data:`CALIBRATIONS`; ``distance`` of the
     retrieval (cosine | l2); ``head_hidden_dim`` of the benefit head (0: linear);
-    ``top1_weight`` of top-1 in the benefit (0: mAP alone, which ordered best on the demo's
-    validation split in both scenarios; see README); ``prototype_new``/``prototype_labels`` the new
+    ``top1_weight`` of top-1 in the benefit the head is fitted to (mAP change + this x top-1
+    change; 0: mAP alone, whose order dips below random order's top-1 early on; see README);
+    ``prototype_new``/``prototype_labels`` the new
     embeddings the class prototypes are averaged from (default: the held-out ones).
     Raises ValueError naming a bad argument.
     """
@@ -85,6 +86,9 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if not (np.isfinite(top1_weight) and top1_weight >= 0):
+        raise ValueError(f"top1_weight (transformation.order_top1_weight) must be a finite "
+                         f"number >= 0, got {top1_weight!r}")
     old, new = np.asarray(old, np.float32), np.asarray(new, np.float32)
     labels = np.asarray(labels)
     if not (len(old) == len(new) == len(labels)) or len(old) < 4:

@@ -100,3 +100,6 @@ def test_holdout_split_and_errors(problem):
         fit_h_extras(h, old, new, labels, distance="dot")
     with pytest.raises(ValueError, match="one row per held-out item"):
         fit_h_extras(h, old, new[:-1], labels)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="order_top1_weight"):
+            fit_h_extras(h, old, new, labels, top1_weight=bad)

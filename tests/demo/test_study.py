@@ -43,15 +43,27 @@ def tiny_config(tmp_path):
 
 @needs_fashion_mnist
 def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config, capsys,
-                                                                      one_thread):
+                                                                      one_thread, monkeypatch):
     import mlflow
 
+    import fastfill_udfs.demo.study as study
     from fastfill_udfs.demo.cnn import EmbeddingCNN
     from fastfill_udfs.demo.study_job import run_study_job
     from fastfill_udfs.model_loading import load_configured_model
     from fastfill_udfs.models import Transformation
 
+    fits, real_fit = [], study.fit_h_extras
+
+    def recording_fit(*args, **kwargs):   # the real fit; records what the config passed
+        fits.append(kwargs)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study, "fit_h_extras", recording_fit)
+    tiny_config["transformation"]["order_top1_weight"] = 0.75
     result = run_study_job(tiny_config)
+    # the benefit head is fitted to mAP + 0.75 x top-1 (transformation.order_top1_weight)
+    assert [(f["order_head"], f["top1_weight"]) for f in fits] == [("sigma", 0.75),
+                                                                    ("benefit", 0.75)]
 
     out = Path(tiny_config.resolve_path("paths.outputs")) / "study"
     for name in STUDY_FILES:
@@ -84,6 +96,7 @@ def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config,
     assert run.info.run_name == "study" and run.data.tags["fastfill.kind"] == "study"
     assert run.data.params["dataset"] == "fashion_mnist"
     assert run.data.params["train_limit"] == "600" and run.data.params["h_hidden_dim"] == "32"
+    assert run.data.params["h_order_top1_weight"] == "0.75"
     metrics = run.data.metrics
     for key in ("fct_random_mAP_auc", "fastfill_uncertainty_mAP_auc", "fastfill_oracle_top1_auc",
                 "old_old_mAP", "new_new_mAP", "t0_h_fastfill_mAP", "t0_h_fct_mAP",
