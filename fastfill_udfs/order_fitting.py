@@ -67,7 +67,7 @@ def realised_benefit(new, labels, transformed, *, distance: str = "l2", ids=None
 
 def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "benefit",
                  calibration: str = "none", distance: str = "l2", head_hidden_dim: int = 64,
-                 top1_weight: float = 0.0, prototype_new=None, prototype_labels=None,
+                 top1_weight: float = 0.5, prototype_new=None, prototype_labels=None,
                  seed: int = 0) -> Transformation:
     """A copy of `h` with its order head, calibration and prototypes fitted on held-out pairs.
 
@@ -75,7 +75,8 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     in :data:`ORDER_HEADS`; ``calibration`` in :data:`CALIBRATIONS`; ``distance`` of the
     retrieval (cosine | l2); ``head_hidden_dim`` of the benefit head (0: linear);
     ``top1_weight`` of top-1 in the benefit the head is fitted to (mAP change + this x top-1
-    change; 0: mAP alone, whose order dips below random order's top-1 early on; see README);
+    change; 0.5, as ``transformation.order_top1_weight``; 0: mAP alone, whose order dips below
+    random order's top-1 early on; see README);
     ``prototype_new``/``prototype_labels`` the new
     embeddings the class prototypes are averaged from (default: the held-out ones).
     Raises ValueError naming a bad argument.
