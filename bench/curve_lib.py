@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
 
 from fastfill_udfs.metrics import retrieval_metrics  # noqa: E402
 from fastfill_udfs.models import Transformation  # noqa: E402
+from fastfill_udfs.policies import order_scores, rank_order  # noqa: E402
 from fastfill_udfs.simulate import backfill_curve, curve_auc, curve_mean, fraction_to_reach  # noqa: E402
 from fastfill_udfs.training import train_transformation, transform  # noqa: E402
 
@@ -114,6 +115,12 @@ def curve(order, t, n, labels, ids, *, distance="cosine", scale=None, bias=None,
     return backfill_curve(order, t, n, n, labels, labels, fractions=fractions, query_ids=ids,
                           gallery_ids=ids, topk=(1,), distance=distance,
                           transformed_scale=scale, transformed_bias=bias, dtype=dtype)
+
+
+def random_curves(t, n, labels, ids, seeds, **curve_kw) -> list:
+    """The curves of random backfill orders, one per seed (how far random order itself moves)."""
+    return [curve(rank_order(order_scores("random", ids=ids, seed=seed), ids), t, n, labels,
+                  ids, **curve_kw) for seed in seeds]
 
 
 def summarise(df, newnew_map: float, fct_auc: float | None = None) -> dict:

@@ -16,9 +16,7 @@ import time
 
 import numpy as np
 
-from curve_lib import apply_h, curve, load_with_h, scenario_parser
-
-from fastfill_udfs.policies import order_scores, rank_order
+from curve_lib import apply_h, load_with_h, random_curves, scenario_parser
 
 
 def main(argv=None):
@@ -30,13 +28,10 @@ def main(argv=None):
     d, hf, _ = load_with_h(a)
     t, _ = apply_h(hf, d["old_test"])
     new, labels, ids = d["new_test"].astype(np.float64), d["y_test"], d["test_ids"]
-    top1 = []
-    for k in range(a.permutations):
-        t0 = time.time()
-        order = rank_order(order_scores("random", ids=ids, seed=100 + k), ids)
-        top1.append(curve(order, t, new, labels, ids, distance=a.distance).top1.to_numpy())
-        print(f"permutation {k + 1}/{a.permutations}: {time.time() - t0:.0f} s", flush=True)
-    top1 = np.array(top1)
+    t0 = time.time()
+    top1 = np.array([c.top1.to_numpy() for c in random_curves(
+        t, new, labels, ids, range(100, 100 + a.permutations), distance=a.distance)])
+    print(f"{a.permutations} random orders in {time.time() - t0:.0f} s")
     lowest = [float((top1[i] - top1[j]).min())
               for i, j in itertools.permutations(range(len(top1)), 2)]
     print(f"{a.scenario} seed {a.seed}, {len(ids)}-item gallery, {top1.shape[1]} points: lowest "

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from curve_lib import (CACHE, apply_h, classifier, curve, load_with_h, ref, scenario_parser,
-                       softmax, summarise)
+from curve_lib import (CACHE, apply_h, classifier, curve, load_with_h, random_curves, ref,
+                       scenario_parser, softmax, summarise)
 
 from fastfill_udfs.calibration import fit_calibration, identity_calibration, item_correction
 from fastfill_udfs.policies import fit_prototypes, order_scores, rank_order
@@ -112,15 +112,14 @@ def main(argv=None):
         print(cname, {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()})
         sig = s_cross if cal["sigma_weight"] else None
         scale, bias = item_correction(cal, np.ones(len(yB), bool), sigma=sig)
-        # FastFill-random under several permutations: how far random order's own top-1 moves
-        rand_top1 = np.array([curve(rank_order(order_scores("random", ids=idB, seed=a.seed + k),
-                                               idB), tB, nB, yB, idB, distance=dist,
-                                    scale=scale, bias=bias).top1.to_numpy()
-                              for k in range(a.random_seeds)])
+        # FastFill-random under several permutations (the first is the "random" order's,
+        # seeded as rnd): how far random order's own top-1 moves
+        rand = random_curves(tB, nB, yB, idB, range(a.seed, a.seed + a.random_seeds),
+                             distance=dist, scale=scale, bias=bias)
+        rand_top1 = np.array([c.top1.to_numpy() for c in rand])
         for o in orders:
-            score = rnd if o == "random" else sc[o]
-            c = curve(rank_order(score, idB), tB, nB, yB, idB, distance=dist, scale=scale,
-                      bias=bias)
+            c = rand[0] if o == "random" else curve(rank_order(sc[o], idB), tB, nB, yB, idB,
+                                                    distance=dist, scale=scale, bias=bias)
             s = summarise(c, nn, base["mAP_auc"])
             top1 = c.top1.to_numpy()
             s["top1_min_vs_random"] = float((top1 - rand_top1[0]).min())

@@ -76,8 +76,7 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     retrieval (cosine | l2); ``head_hidden_dim`` of the benefit head (0: linear);
     ``top1_weight`` of top-1 in the benefit the head is fitted to (mAP change + this x top-1
     change; 0.5, as ``transformation.order_top1_weight``; 0: mAP alone, whose order dips below
-    random order's top-1 early on; see README);
-    ``prototype_new``/``prototype_labels`` the new
+    random order's top-1 early on; see README); ``prototype_new``/``prototype_labels`` the new
     embeddings the class prototypes are averaged from (default: the held-out ones).
     Raises ValueError naming a bad argument.
     """
