@@ -178,9 +178,10 @@ def scoring_section(res: dict | None, mem: dict | None, rows: list,
 
 def _size_row(r: dict, mark: str = "") -> str:
     naive = f"{r['naive_over_torch']:.1f}x" if "naive_over_torch" in r else "-"
+    floor = f"{r['floor_over_torch']:.2f}x" if "floor_over_torch" in r else "-"
     return (f"| {r['rows']:,}{mark} | {r['torch_rows_per_s']:,.0f} | {r['spark_rows_per_s']:,.0f} | "
             f"{r['spark_over_torch']:.2f}x | {naive} | {r['rank_s']:.1f} | "
-            f"{r['rank_over_torch']:.2f}x | {r['python_peak_rss_mib']:.0f} | "
+            f"{r['rank_over_torch']:.2f}x | {floor} | {r['python_peak_rss_mib']:.0f} | "
             f"{r['jvm_peak_rss_mib'] or float('nan'):.0f} | "
             f"{r.get('jvm_heap_live_after_gc_mib') or float('nan'):.0f} |")
 
@@ -199,14 +200,17 @@ def _scoring_body(res: dict, rows: list, out: list[str], larger: dict | None = N
             "Python lists; (d) `rank.rank_gallery` end to end (score, quarantine check, "
             "distributed sort, Delta writes of plan / features / log), run first in a fresh "
             f"driver process per size (median of {st.get('rank_repeats', 1)} run(s), the first "
-            "cold); peak RSS = kernel high-water marks (`ru_maxrss` of the "
+            "cold); (f) the floor of (d): (b) written straight to one unpartitioned Delta table "
+            "(id, transformed, score; no sort, plan, checks or partitioning), the least a "
+            "rank_gallery that writes every transformed vector as `array<float>` must do; "
+            "peak RSS = kernel high-water marks (`ru_maxrss` of the "
             "Python driver, `VmHWM` of the driver JVM) after the cold (d); the JVM's live heap "
             "is read through JMX after a full GC at that point. Times are medians over "
-            f"{st['repeats']} interleaved rounds of (a) and (b).", "",
+            f"{st['repeats']} interleaved rounds of (a), (b) and (f).", "",
             "| rows | torch rows/s (a) | Spark UDF rows/s (b) | (b)/(a) | naive UDF (c)/(a) | "
-            "rank_gallery s (d) | (d)/(a) | Python driver peak MiB | driver JVM peak MiB | "
-            "JVM live heap after GC MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "rank_gallery s (d) | (d)/(a) | floor (f)/(a) | Python driver peak MiB | "
+            "driver JVM peak MiB | JVM live heap after GC MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     out += [_size_row(r) for r in s["per_size"]]
     if larger:
         out += [_size_row(r, " *") for r in larger["summary"]["per_size"]]
@@ -236,6 +240,13 @@ def _scoring_body(res: dict, rows: list, out: list[str], larger: dict | None = N
                      f"<= {res.get('targets', {}).get('rank_over_torch_max', 2.0):g}x",
                      _status(s["rank_target_met"]),
                      "" if s["rank_target_met"] else rank_cause(res, at), cmd))
+        if s.get("floor_over_torch"):
+            rows.append((f"floor of rank_gallery (scoring written straight to one unpartitioned "
+                         f"Delta table) / in-process torch, {at:,} rows",
+                         f"{s['floor_over_torch']:.2f}x", "context", "-",
+                         "the least any rank_gallery that writes the features table must do; "
+                         "what is left of the 2x target for the sort, the plan, the checks and "
+                         "the commits", cmd))
     if "memory_growth" in s:
         g = s["memory_growth"]
         rows.append((f"driver peak RSS growth {g['from_rows']:,} -> {g['to_rows']:,} rows, "
@@ -645,8 +656,16 @@ def findings_section(scoring: dict | None, batch: dict | None) -> list[str]:
                 "commit when nothing is quarantined). The features write is "
                 f"{big['rows']:,} nested `array<float>` rows, the slow form the design notes "
                 "measured (a packed float32 `binary` column writes ~3x faster, but the data "
-                "contract promises `array<float>`). Meeting 2x would need the sort and the two "
-                "writes in about the time of one scoring pass.")
+                "contract promises `array<float>`)."
+                + (f" Scoring written straight to one unpartitioned Delta table, with no sort, "
+                   f"plan, checks or partitioning, already costs {per['floor_over_torch']:.2f}x "
+                   "the torch time: the 2x target leaves "
+                   f"{(2.0 - per['floor_over_torch']) * per['torch_s']:.1f} s for the sort, "
+                   "the plan write, the checks and the three commits, which take "
+                   f"{per['rank_s'] - per['floor_s']:.0f} s in the median run."
+                   if per.get("floor_over_torch") else
+                   " Meeting 2x would need the sort and the two writes in about the time of one "
+                   "scoring pass."))
         s = scoring["summary"]["per_size"]
         if any("naive_over_torch" in r for r in s):
             r = next(r for r in s if "naive_over_torch" in r)
