@@ -193,7 +193,8 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: Model
 
     Skips when the run is already ranked, unless `force`: then the run's log is emptied first
     and the backfill starts over (in a new MLflow run). Raises ValueError for an unknown
-    policy, `uncertainty` with an `h` lacking an uncertainty head, a gallery whose embeddings
+    policy, `uncertainty` with an `h` lacking an uncertainty head, `prototype` with an `h`
+    without prototypes, a gallery whose embeddings
     do not fit `h`, or one whose rows are all quarantined (with the count and reasons). Rows
     with null / wrong-size / NaN embeddings, or a non-finite output of `h`, are quarantined
     with the reason; counts reconcile."""
@@ -206,6 +207,10 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: Model
     if policy == "uncertainty" and not model.has_uncertainty:
         raise ValueError("policy 'uncertainty' needs an h trained with the fastfill objective "
                          f"(h {h.version} has no uncertainty head)")
+    if policy == "prototype" and getattr(model, "prototypes", None) is None:
+        raise ValueError(f"policy 'prototype' needs class prototypes stored with h (h {h.version} "
+                         "has none): train h with pipelines/train_transformation.py on labelled "
+                         "pairs")
     paths = table_paths(cfg, run)
     if is_ranked(spark, cfg, run):
         if not force:

@@ -71,7 +71,8 @@ def apply_h(h, old: np.ndarray, reasons: np.ndarray) -> tuple[np.ndarray, np.nda
 def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | None = None,
                  seed: int = 0) -> Callable:
     """mapInArrow function: old_embedding -> transformed embedding, sigma, the `policy`'s
-    ordering score (`policies.order_scores`; omitted without a policy) and a `reason` for rows
+    ordering score (`policies.order_scores`, from sigma, the id or, for ``prototype``, h's
+    output and the prototypes stored with h; omitted without a policy) and a `reason` for rows
     that cannot be scored (null / wrong dimension / NaN input, or a non-finite output of h),
     which get null outputs."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -90,7 +91,8 @@ def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | Non
             cols["sigma"] = pa.array(sigma, mask=bad)
             if policy is not None:
                 ids = batch.column("id").to_numpy(zero_copy_only=False)
-                score = order_scores(policy, sigma=np.where(bad, 0.0, sigma), ids=ids, seed=seed)
+                score = order_scores(policy, sigma=np.where(bad, 0.0, sigma), ids=ids, seed=seed,
+                                     transformed=emb, prototypes=h.prototypes)
                 cols["score"] = pa.array(score, mask=bad)
             cols["reason"] = pa.array(reasons.tolist(), pa.string())
             yield pa.RecordBatch.from_pydict(cols)

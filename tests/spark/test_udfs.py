@@ -1,0 +1,63 @@
+"""`transform_fn`, the Arrow function rank_gallery maps over the gallery, called directly on
+Arrow batches (no Spark needed): each policy's score comes out as the in-memory policies
+module computes it, bad rows get a reason and null outputs; rank_gallery refuses a policy its h
+cannot score before it touches any table."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from fastfill_udfs.model_loading import ModelPayload, ModelRef
+from fastfill_udfs.models import Transformation
+from fastfill_udfs.policies import fit_prototypes, prototype_scores
+from fastfill_udfs.spark.rank import rank_gallery
+from fastfill_udfs.spark.udfs import transform_fn
+
+
+@pytest.fixture(scope="module")
+def h_with_prototypes():
+    torch.manual_seed(0)
+    h = Transformation(4, 3, hidden_dim=8).eval()
+    rng = np.random.default_rng(1)
+    h.prototypes = fit_prototypes(rng.standard_normal((30, 3)), rng.integers(0, 3, 30),
+                                  distance="l2")
+    return h
+
+
+def _run(h, policy: str, old: list) -> pa.RecordBatch:
+    bc = SimpleNamespace(value=ModelPayload.from_model(h))  # what a Spark broadcast gives
+    batch = pa.RecordBatch.from_pydict({
+        "id": [f"i{i}" for i in range(len(old))],
+        "old_embedding": pa.array(old, pa.list_(pa.float32()))})
+    out = list(transform_fn(bc, 4, ["id"], policy=policy, seed=0)(iter([batch])))
+    return pa.Table.from_batches(out).combine_chunks().to_batches()[0]
+
+
+def test_prototype_policy_scores_are_the_distance_to_the_nearest_prototype(h_with_prototypes):
+    rng = np.random.default_rng(2)
+    old = rng.standard_normal((6, 4)).astype(np.float32)
+    out = _run(h_with_prototypes, "prototype", [list(map(float, r)) for r in old] + [None])
+    with torch.inference_mode():
+        want = prototype_scores(h_with_prototypes(torch.from_numpy(old))[0].numpy(),
+                                h_with_prototypes.prototypes)
+    score = out.column("score").to_pylist()
+    np.testing.assert_allclose(score[:6], want, rtol=1e-6)
+    assert score[6] is None and out.column("reason").to_pylist()[6]  # the null row: a reason
+
+
+def test_uncertainty_policy_score_is_sigma(h_with_prototypes):
+    old = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 0.0]]
+    out = _run(h_with_prototypes, "uncertainty", old)
+    assert out.column("score").to_pylist() == out.column("sigma").to_pylist()
+
+
+def test_rank_gallery_refuses_prototype_policy_without_prototypes():
+    h = ModelRef.from_module(Transformation(4, 3, hidden_dim=8), "h-plain")
+    new = ModelRef.from_module(Transformation(4, 3, hidden_dim=8, uncertainty=False), "new")
+    # refused before any Spark or table access: no session or config needed
+    with pytest.raises(ValueError, match="policy 'prototype' needs class prototypes.*h-plain"):
+        rank_gallery(None, None, h, new, "prototype", "run")
