@@ -27,6 +27,41 @@ from fastfill_udfs.training import fit_benefit_head, fit_uncertainty_head
 
 
 
+def class_features(d, t, protos) -> dict:
+    """Per item: the new classifier's sorted softmax and the sorted distances to the class
+    prototypes, both of h's output (what a margin-aware order could use)."""
+    W, b = d["W"].astype(np.float64), d["b"].astype(np.float64)
+    p = np.sort(softmax(t @ W.T + b), axis=1)
+    pr = np.asarray(protos["prototypes"], np.float64)
+    dist = np.sqrt(np.maximum((t * t).sum(1)[:, None] - 2 * t @ pr.T + (pr * pr).sum(1)[None],
+                              0.0))
+    return {"cls_sorted": p, "proto_sorted": np.sort(dist, axis=1)}
+
+
+def rank01(x) -> np.ndarray:
+    return (np.argsort(np.argsort(x, kind="stable"), kind="stable") + 0.5) / len(x)
+
+
+def fit_feature_head(feats_A: np.ndarray, benefit_A: np.ndarray, seed: int = 0):
+    """A benefit head on arbitrary per-item features (the experiment behind a margin-aware
+    head): returns a function features -> predicted benefit rank."""
+    import torch
+
+    from fastfill_udfs.training import _fit_head, seed_everything
+
+    gen = seed_everything(seed)
+    ranks = rank01(benefit_A)
+    target = torch.from_numpy(6.0 * ranks - 3.0).float()
+    x = torch.from_numpy(feats_A).float()
+    head = _fit_head(x, lambda s: (s - target).pow(2).mean(), x.shape[1], 64, 0.0, 300, 1e-2,
+                     1e-4, gen)
+
+    def predict(feats):
+        with torch.no_grad():
+            return head(torch.from_numpy(feats).float()).squeeze(1).double().numpy()
+    return predict
+
+
 def scores_for(d, rows, t, sigma, extra):
     """Order scores computable from h's output (plus small fitted tables)."""
     W, b = d["W"].astype(np.float64), d["b"].astype(np.float64)
@@ -36,6 +71,8 @@ def scores_for(d, rows, t, sigma, extra):
            "cls_margin": -(ps[:, -1] - ps[:, -2])}
     for name, protos in extra.get("prototypes", {}).items():
         out[name] = order_scores("prototype", transformed=t, prototypes=protos)
+        ds = class_features(d, t, protos)["proto_sorted"]
+        out[f"{name}_margin"] = -(ds[:, 1] - ds[:, 0])
     for name, s in extra.get("sigmas", {}).items():
         out[name] = s
     return out
@@ -48,6 +85,9 @@ def main(argv=None):
     ap.add_argument("--calibrations", default="none,affine,affine_sigma")
     ap.add_argument("--top1-weights", default="",
                     help="also benefit heads fitted to mAP + w * top-1 benefit, e.g. 0.5,1,2")
+    ap.add_argument("--margin-leads", action="store_true",
+                    help="also orders that use the class margins: prototype margin, benefit "
+                         "heads with margin features, rank blends of the head and a margin")
     ap.add_argument("--random-seeds", type=int, default=1,
                     help="random orders to compare top-1 with (the worst point is taken "
                          "against each and against their mean)")
@@ -72,6 +112,20 @@ def main(argv=None):
     h_top1 = {w: fit_benefit_head(hf, d["old_train"][A], benefit_A + w * top1_A)
               for w in weights}
     print(f"benefit heads fitted in {time.time() - t1:.0f} s")
+    protos_fit = fit_prototypes(d["new_train"][d["fit_idx"]], d["y_train"][d["fit_idx"]],
+                                distance=dist)
+    if a.margin_leads:  # heads that see the class margins beside h's output
+        target_A = benefit_A + 0.5 * (top1_A if top1_A is not None else item_top1_benefit(
+            nA, yA, tA, nA, yA, query_ids=idA, gallery_ids=idA, distance=a.distance))
+        fA = class_features(d, tA, protos_fit)
+        feat_heads = {
+            "head_t_cls": (lambda f, t: np.hstack([t, f["cls_sorted"][:, -3:]])),
+            "head_t_proto": (lambda f, t: np.hstack([t, f["proto_sorted"][:, :3]])),
+            "head_cls_proto": (lambda f, t: np.hstack([f["cls_sorted"][:, -3:],
+                                                       f["proto_sorted"][:, :3]])),
+        }
+        feat_heads = {k: (fn, fit_feature_head(fn(fA, tA), target_A, seed=a.seed))
+                      for k, fn in feat_heads.items()}
     # gallery B
     tB, sB = apply_h(hf, d["old_train"][B])
     tcB, _ = apply_h(hc, d["old_train"][B])
@@ -88,6 +142,14 @@ def main(argv=None):
                         **{f"benefit_mlp_top1x{w:g}": apply_h(h, d["old_train"][B])[1]
                            for w, h in h_top1.items()}}}
     sc = scores_for(d, B, tB, sB, extra)
+    if a.margin_leads:
+        fB = class_features(d, tB, protos_fit)
+        for k, (fn, predict) in feat_heads.items():
+            sc[k] = predict(fn(fB, tB))
+        head = sc.get("benefit_mlp_top1x0.5", sc["benefit_mlp"])
+        for m in ("cls_margin", "prototype_margin"):
+            for alpha in (0.25, 0.5):
+                sc[f"blend_{m}_{alpha:g}"] = (1 - alpha) * rank01(head) + alpha * rank01(sc[m])
     sc["oracle"] = order_scores("oracle", transformed=tB, new=nB, distance=dist)
     rnd = order_scores("random", ids=idB, seed=a.seed)
     nn = ref(nB, yB, nB, yB, idB, dist)["mAP"]
