@@ -28,13 +28,15 @@ class Transformation(nn.Module):
 
     `h` also carries small JSON-able parameters fitted with it, kept in its spec so they travel
     with the model (MLflow, the Spark broadcast): `calibration` (the mixed-gallery score
-    correction, :mod:`fastfill_udfs.calibration`) and `prototypes` (class means in the new space
-    for the classifier-free order, :func:`fastfill_udfs.policies.fit_prototypes`); None when not
-    fitted."""
+    correction, :mod:`fastfill_udfs.calibration`), `prototypes` (class means in the new space
+    for the classifier-free order, :func:`fastfill_udfs.policies.fit_prototypes`) and
+    `order_blend` (:func:`fastfill_udfs.order_fitting.fit_order_blend`: sigma becomes a blend of
+    the head's order and the prototype margin's, see :func:`blend_s`); None when not fitted."""
 
     def __init__(self, old_dim: int, new_dim: int, hidden_dim: int = 1024,
                  num_hidden_layers: int = 2, uncertainty: bool = True, head_hidden_dim: int = 0,
-                 calibration: dict | None = None, prototypes: dict | None = None):
+                 calibration: dict | None = None, prototypes: dict | None = None,
+                 order_blend: dict | None = None):
         super().__init__()
         for name, value in (("old_dim", old_dim), ("new_dim", new_dim),
                             ("hidden_dim", hidden_dim), ("num_hidden_layers", num_hidden_layers)):
@@ -52,6 +54,7 @@ class Transformation(nn.Module):
         self.embedding_dim = new_dim
         self.calibration = calibration
         self.prototypes = prototypes
+        self.order_blend = order_blend
 
     def spec_params(self) -> dict:
         """The constructor arguments (see `model_spec`)."""
@@ -60,7 +63,7 @@ class Transformation(nn.Module):
                 "hidden_dim": linears[0].out_features if len(linears) > 1 else self.new_dim,
                 "num_hidden_layers": len(linears) - 1, "uncertainty": self.has_uncertainty,
                 "head_hidden_dim": self.head_hidden_dim, "calibration": self.calibration,
-                "prototypes": self.prototypes}
+                "prototypes": self.prototypes, "order_blend": self.order_blend}
 
     @property
     def has_uncertainty(self) -> bool:
@@ -86,7 +89,47 @@ class Transformation(nn.Module):
         out = self.mlp(old)
         if self.uncertainty_head is None:
             return out, torch.zeros(out.shape[0], device=out.device, dtype=out.dtype)
-        return out, self.uncertainty_head(out).squeeze(1)
+        s = self.uncertainty_head(out).squeeze(1)
+        if self.order_blend is not None:
+            s = blend_s(out, s, self.order_blend, self.prototypes)
+        return out, s
+
+
+def _quantile_cdf(x: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear CDF in [0, 1] from K sorted quantiles at levels 0, 1/(K-1), ..., 1."""
+    k = quantiles.numel()
+    idx = torch.searchsorted(quantiles, x.contiguous()).clamp(1, k - 1)
+    lo, hi = quantiles[idx - 1], quantiles[idx]
+    frac = ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
+    return ((idx - 1).to(x.dtype) + frac) / (k - 1)
+
+
+def prototype_margin_torch(out: torch.Tensor, prototypes: dict) -> torch.Tensor:
+    """`policies.prototype_margin` in torch: second-nearest minus nearest prototype distance."""
+    p = torch.as_tensor(prototypes["prototypes"], dtype=out.dtype, device=out.device)
+    if prototypes["distance"] == "cosine":
+        d = 1.0 - torch.nn.functional.normalize(out, dim=1) @ p.T
+    else:
+        d = torch.cdist(out, p)
+    if d.shape[1] < 2:
+        return torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
+    two = torch.topk(d, 2, dim=1, largest=False).values
+    return two[:, 1] - two[:, 0]
+
+
+def blend_s(out: torch.Tensor, s: torch.Tensor, blend: dict, prototypes: dict | None
+            ) -> torch.Tensor:
+    """s (= log sigma^2) of the blended order: sigma = (1 - w) F(head's sigma) + w (1 - G(margin))
+    (+1e-6), F and G the held-out CDFs stored in `blend`, the margin that of h's output to the
+    prototypes. The order follows the head's where w = 0 and the smallest margins first at 1."""
+    if prototypes is None:
+        raise ValueError("h.order_blend needs h.prototypes (fitted together by fit_h_extras)")
+    sq = torch.as_tensor(blend["sigma_quantiles"], dtype=out.dtype, device=out.device)
+    mq = torch.as_tensor(blend["margin_quantiles"], dtype=out.dtype, device=out.device)
+    w = float(blend["weight"])
+    u = _quantile_cdf(sigma_from_s(s), sq)
+    v = 1.0 - _quantile_cdf(prototype_margin_torch(out, prototypes), mq)
+    return 2.0 * torch.log((1.0 - w) * u + w * v + 1e-6)
 
 
 def sigma_from_s(s: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,10 @@ fits the parts that the backfill order and the mixed gallery need:
 * the mixed-gallery calibration (``calibration``): ``"none"``, ``"affine"`` or
   ``"affine_sigma"`` (:mod:`fastfill_udfs.calibration`), stored as ``h.calibration``;
 * class prototypes in the new space for the classifier-free ``prototype`` order, stored as
-  ``h.prototypes``.
+  ``h.prototypes``;
+* the margin blend (``margin_weight`` > 0, benefit head only): sigma becomes
+  (1 - w) x the head's held-out CDF + w x the prototype margin's reversed CDF, so items the
+  head ranks high *or* that sit between two classes come first; stored as ``h.order_blend``.
 
 All of it travels inside h's JSON spec and state dict (MLflow, the Spark broadcast), so a worker
 that has `h` computes the order score of an item from its old embedding alone.
@@ -25,11 +28,13 @@ import numpy as np
 from fastfill_udfs.calibration import fit_calibration
 from fastfill_udfs.metrics import DISTANCES
 from fastfill_udfs.models import Transformation
-from fastfill_udfs.policies import fit_prototypes
+from fastfill_udfs.policies import fit_prototypes, prototype_margin
 from fastfill_udfs.reachability import item_map_benefit, item_top1_benefit
 from fastfill_udfs.training import fit_benefit_head, transform
 
-__all__ = ["ORDER_HEADS", "CALIBRATIONS", "realised_benefit", "fit_h_extras", "holdout_split"]
+__all__ = ["ORDER_HEADS", "CALIBRATIONS", "realised_benefit", "fit_h_extras", "fit_order_blend",
+           "holdout_split"]
+BLEND_VERSION = 1
 
 ORDER_HEADS = ("sigma", "benefit")
 CALIBRATIONS = ("none", "affine", "affine_sigma")
@@ -65,10 +70,27 @@ def realised_benefit(new, labels, transformed, *, distance: str = "l2", ids=None
     return benefit
 
 
+def fit_order_blend(h: Transformation, old, weight: float, levels: int = 101) -> dict:
+    """The `order_blend` of `h` (which must carry prototypes and an uncertainty head, no blend
+    yet): `levels` quantiles of the head's sigma and of the prototype margin over the held-out
+    items ``old``, and the margin's ``weight`` in [0, 1]. Raises ValueError otherwise."""
+    if not (np.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"margin weight (transformation.order_margin_weight) must be in [0, 1], "
+                         f"got {weight!r}")
+    if h.prototypes is None or not h.has_uncertainty or h.order_blend is not None:
+        raise ValueError("fit_order_blend needs an h with prototypes and an uncertainty head and "
+                         "no blend yet")
+    t, sigma = transform(h, np.asarray(old, np.float32))
+    grid = np.linspace(0.0, 1.0, int(levels))
+    return {"version": BLEND_VERSION, "weight": float(weight),
+            "sigma_quantiles": np.quantile(sigma, grid).tolist(),
+            "margin_quantiles": np.quantile(prototype_margin(t, h.prototypes), grid).tolist()}
+
+
 def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "benefit",
                  calibration: str = "none", distance: str = "l2", head_hidden_dim: int = 64,
-                 top1_weight: float = 0.5, prototype_new=None, prototype_labels=None,
-                 seed: int = 0) -> Transformation:
+                 top1_weight: float = 0.5, margin_weight: float = 0.0, prototype_new=None,
+                 prototype_labels=None, seed: int = 0) -> Transformation:
     """A copy of `h` with its order head, calibration and prototypes fitted on held-out pairs.
 
     Args: ``old``, ``new`` (N x d) and ``labels`` of items h was NOT trained on; ``order_head``
@@ -76,7 +98,9 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     retrieval (cosine | l2); ``head_hidden_dim`` of the benefit head (0: linear);
     ``top1_weight`` of top-1 in the benefit the head is fitted to (mAP change + this x top-1
     change; 0.5, as ``transformation.order_top1_weight``; 0: mAP alone, whose order dips below
-    random order's top-1 early on; see README); ``prototype_new``/``prototype_labels`` the new
+    random order's top-1 early on; see README); ``margin_weight`` in [0, 1] of the prototype
+    margin blended into the benefit head's order (:func:`fit_order_blend`; 0: the head alone;
+    ``transformation.order_margin_weight`` is 0.5 by default); ``prototype_new``/``prototype_labels`` the new
     embeddings the class prototypes are averaged from (default: the held-out ones).
     Raises ValueError naming a bad argument.
     """
@@ -89,6 +113,9 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     if not (np.isfinite(top1_weight) and top1_weight >= 0):
         raise ValueError(f"top1_weight (transformation.order_top1_weight) must be a finite "
                          f"number >= 0, got {top1_weight!r}")
+    if not (np.isfinite(margin_weight) and 0.0 <= margin_weight <= 1.0):
+        raise ValueError(f"margin_weight (transformation.order_margin_weight) must be in [0, 1], "
+                         f"got {margin_weight!r}")
     old, new = np.asarray(old, np.float32), np.asarray(new, np.float32)
     labels = np.asarray(labels)
     if not (len(old) == len(new) == len(labels)) or len(old) < 4:
@@ -106,13 +133,16 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
         import copy
 
         out = copy.deepcopy(h)
-    t, sigma = transform(out, old)
+    pn = new if prototype_new is None else np.asarray(prototype_new, np.float32)
+    pl = labels if prototype_labels is None else np.asarray(prototype_labels)
+    out.prototypes = fit_prototypes(pn, pl, distance=distance)
+    out.order_blend = None
+    if order_head == "benefit" and margin_weight > 0:
+        out.order_blend = fit_order_blend(out, old, margin_weight)
+    t, sigma = transform(out, old)  # the sigma the calibration will see (blended, if so)
     if calibration != "none":
         out.calibration = fit_calibration(
             new, labels, new, t, labels, distance=distance, sigma=sigma,
             use_sigma=(calibration == "affine_sigma"), query_ids=np.arange(len(labels)),
             gallery_ids=np.arange(len(labels)), seed=seed)
-    pn = new if prototype_new is None else np.asarray(prototype_new, np.float32)
-    pl = labels if prototype_labels is None else np.asarray(prototype_labels)
-    out.prototypes = fit_prototypes(pn, pl, distance=distance)
     return out

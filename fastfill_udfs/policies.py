@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_scores", "random_scores_for_ids", "rank_order",
+__all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_scores", "prototype_margin", "random_scores_for_ids", "rank_order",
            "batch_id_for_rank", "assign_batches", "batch_sizes"]
 
 POLICIES = ("uncertainty", "random", "oracle", "prototype")
@@ -101,10 +101,9 @@ def fit_prototypes(new_embeddings, labels, *, distance: str = "cosine") -> dict:
             "prototypes": protos.tolist()}
 
 
-def prototype_scores(transformed, prototypes: dict) -> np.ndarray:
-    """Distance of each transformed embedding to its nearest prototype (float64): cosine
-    ``1 - max_c cos(h(o), p_c)``, l2 ``min_c ||h(o) - p_c||``. Raises ValueError for bad
-    parameters (naming the key) or inputs."""
+def _prototype_distances(transformed, prototypes: dict) -> np.ndarray:
+    """Items x classes distances of the transformed embeddings to the prototypes (cosine
+    ``1 - cos``, l2 ``||.||``), after checking both."""
     if not isinstance(prototypes, dict) or prototypes.get("version") != PROTOTYPES_VERSION:
         raise ValueError("prototypes must be a dict from fit_prototypes (version "
                          f"{PROTOTYPES_VERSION})")
@@ -116,10 +115,28 @@ def prototype_scores(transformed, prototypes: dict) -> np.ndarray:
     if t.shape[1] != p.shape[1]:
         raise ValueError(f"transformed dim {t.shape[1]} != prototypes dim {p.shape[1]}")
     if prototypes["distance"] == "cosine":
-        return 1.0 - (_l2_normalise(t) @ p.T).max(axis=1)
+        return 1.0 - _l2_normalise(t) @ p.T
     sq = (np.einsum("ij,ij->i", t, t)[:, None] - 2.0 * t @ p.T
           + np.einsum("ij,ij->i", p, p)[None, :])
-    return np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def prototype_scores(transformed, prototypes: dict) -> np.ndarray:
+    """Distance of each transformed embedding to its nearest prototype (float64): cosine
+    ``1 - max_c cos(h(o), p_c)``, l2 ``min_c ||h(o) - p_c||``. Raises ValueError for bad
+    parameters (naming the key) or inputs."""
+    return _prototype_distances(transformed, prototypes).min(axis=1)
+
+
+def prototype_margin(transformed, prototypes: dict) -> np.ndarray:
+    """Per item, the distance to the second-nearest prototype minus the distance to the
+    nearest (float64, >= 0; 0 with a single class): small = between two classes. Raises
+    ValueError as :func:`prototype_scores`."""
+    d = _prototype_distances(transformed, prototypes)
+    if d.shape[1] < 2:
+        return np.zeros(len(d))
+    two = np.partition(d, 1, axis=1)[:, :2]
+    return two[:, 1] - two[:, 0]
 
 
 def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None, ids=None,

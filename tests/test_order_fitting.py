@@ -8,6 +8,7 @@ import torch
 
 from fastfill_udfs.model_store import model_from_bytes, model_to_bytes
 from fastfill_udfs.order_fitting import fit_h_extras, holdout_split, realised_benefit
+from fastfill_udfs.policies import prototype_margin
 from fastfill_udfs.reachability import item_map_benefit, item_top1_benefit
 from fastfill_udfs.training import train_transformation, transform
 
@@ -103,3 +104,34 @@ def test_holdout_split_and_errors(problem):
     for bad in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="order_top1_weight"):
             fit_h_extras(h, old, new, labels, top1_weight=bad)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="order_margin_weight"):
+            fit_h_extras(h, old, new, labels, margin_weight=bad)
+
+
+def test_margin_blend_moves_the_order_from_the_head_to_the_prototype_margin(problem):
+    h, old, new, labels, _ = problem
+    fit = dict(order_head="benefit", distance="l2", top1_weight=0.0)
+    head = fit_h_extras(h, old[::2], new[::2], labels[::2], **fit)
+    assert head.order_blend is None                        # weight 0: the head alone
+    unseen = old[1::2]
+    t, head_sigma = transform(head, unseen)
+    margin = prototype_margin(t, head.prototypes)
+    pure = fit_h_extras(h, old[::2], new[::2], labels[::2], margin_weight=1.0, **fit)
+    _, pure_sigma = transform(pure, unseen)
+    assert _rank_corr(pure_sigma, -margin) > 0.999         # smallest margins first
+    half = fit_h_extras(h, old[::2], new[::2], labels[::2], margin_weight=0.5, **fit)
+    t_half, half_sigma = transform(half, unseen)
+    np.testing.assert_allclose(t_half, t, rtol=1e-6)       # the embedding is not touched
+    # between the two: follows both, neither alone
+    for other in (head_sigma, -margin):
+        assert 0.3 < _rank_corr(half_sigma, other) < 0.995
+    # the blend is the formula of its docstring, with the CDFs of the held-out items
+    b = half.order_blend
+    grid = np.linspace(0, 1, len(b["sigma_quantiles"]))
+    u = np.interp(head_sigma, b["sigma_quantiles"], grid)
+    v = 1.0 - np.interp(margin, b["margin_quantiles"], grid)
+    np.testing.assert_allclose(half_sigma, 0.5 * u + 0.5 * v + 1e-6, rtol=1e-4, atol=1e-5)
+    back = model_from_bytes(*model_to_bytes(half))           # travels in the spec
+    assert back.order_blend == b
+    np.testing.assert_allclose(transform(back, unseen)[1], half_sigma, rtol=1e-6)

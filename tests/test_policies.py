@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastfill_udfs.policies import (POLICIES, assign_batches, batch_id_for_rank, batch_sizes,
-                                    fit_prototypes, prototype_scores,
+                                    fit_prototypes, prototype_margin, prototype_scores,
                                     order_scores, random_scores_for_ids, rank_order)
 
 
@@ -163,6 +163,11 @@ def test_prototypes_and_scores_hand_made():
     pl = fit_prototypes(new, labels, distance="l2")       # raw means (3, 0) and (0, 2)
     np.testing.assert_allclose(pl["prototypes"], [[3.0, 0.0], [0.0, 2.0]])
     np.testing.assert_allclose(prototype_scores(t, pl), [2.0, np.sqrt(2.0), np.sqrt(13.0)], atol=1e-12)
+    # second-nearest minus nearest distance, e.g. (5, 0): 2 from a, sqrt(29) from b
+    np.testing.assert_allclose(prototype_margin(t, pl),
+                               [np.sqrt(29.0) - 2.0, np.sqrt(5.0) - np.sqrt(2.0),
+                                4.0 - np.sqrt(13.0)], atol=1e-12)
+    np.testing.assert_allclose(prototype_margin(t, p), [1.0, 0.0, 1.0], atol=1e-12)
     import json
     assert json.loads(json.dumps(p)) == p                  # stored with h as JSON
 

@@ -147,7 +147,8 @@ def train_all(cfg: Config, train: Split) -> TrainedModels:
                              "transformation.order_head=sigma and calibration=none")
         extras = dict(calibration=t["calibration"], distance=distance,
                       head_hidden_dim=t["order_head_hidden"],
-                      top1_weight=t["order_top1_weight"], prototype_new=new_emb[h_rows],
+                      top1_weight=t["order_top1_weight"],
+                      margin_weight=t["order_margin_weight"], prototype_new=new_emb[h_rows],
                       prototype_labels=train.labels[h_rows], seed=seed + 3)
         hs["fastfill"] = fit_h_extras(hs["fastfill"], old_emb[held], new_emb[held],
                                       train.labels[held], order_head="sigma", **extras)

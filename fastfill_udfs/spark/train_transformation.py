@@ -193,6 +193,7 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
                              distance=cfg.get_path("evaluation.distance"),
                              head_hidden_dim=t["order_head_hidden"],
                              top1_weight=t["order_top1_weight"],
+                             margin_weight=t["order_margin_weight"],
                              prototype_new=new, prototype_labels=labels,
                              seed=cfg.get_path("seed") + 3)
         mlflow.log_params({"order_head_fitted": t["order_head"] if held is not None else "sigma",

@@ -56,14 +56,19 @@ def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config,
 
     def recording_fit(*args, **kwargs):   # the real fit; records what the config passed
         fits.append(kwargs)
-        return real_fit(*args, **kwargs)
+        kwargs["fitted"] = real_fit(*args, **kwargs)
+        return kwargs["fitted"]
 
     monkeypatch.setattr(study, "fit_h_extras", recording_fit)
     tiny_config["transformation"]["order_top1_weight"] = 0.75
+    tiny_config["transformation"]["order_margin_weight"] = 0.25
     result = run_study_job(tiny_config)
-    # the benefit head is fitted to mAP + 0.75 x top-1 (transformation.order_top1_weight)
-    assert [(f["order_head"], f["top1_weight"]) for f in fits] == [("sigma", 0.75),
-                                                                    ("benefit", 0.75)]
+    # the benefit head is fitted to mAP + 0.75 x top-1 (transformation.order_top1_weight), its
+    # order blended with the prototype margin's at 0.25 (transformation.order_margin_weight)
+    assert [(f["order_head"], f["top1_weight"], f["margin_weight"]) for f in fits] == [
+        ("sigma", 0.75, 0.25), ("benefit", 0.75, 0.25)]
+    assert fits[1]["fitted"].order_blend["weight"] == 0.25
+    assert fits[0]["fitted"].order_blend is None    # the paper's sigma head stays unblended
 
     out = Path(tiny_config.resolve_path("paths.outputs")) / "study"
     for name in STUDY_FILES:
@@ -97,6 +102,7 @@ def test_run_study_job_writes_files_registers_models_and_logs_a_run(tiny_config,
     assert run.data.params["dataset"] == "fashion_mnist"
     assert run.data.params["train_limit"] == "600" and run.data.params["h_hidden_dim"] == "32"
     assert run.data.params["h_order_top1_weight"] == "0.75"
+    assert run.data.params["h_order_margin_weight"] == "0.25"
     metrics = run.data.metrics
     for key in ("fct_random_mAP_auc", "fastfill_uncertainty_mAP_auc", "fastfill_oracle_top1_auc",
                 "old_old_mAP", "new_new_mAP", "t0_h_fastfill_mAP", "t0_h_fct_mAP",
