@@ -21,7 +21,8 @@ from curve_lib import (CACHE, apply_h, classifier, curve, load_with_h, random_cu
                        scenario_parser, softmax, summarise)
 
 from fastfill_udfs.calibration import fit_calibration, identity_calibration, item_correction
-from fastfill_udfs.policies import fit_prototypes, order_scores, rank_order
+from fastfill_udfs.policies import (fit_prototypes, order_scores, prototype_distances,
+                                    prototype_margin, rank_order)
 from fastfill_udfs.reachability import item_map_benefit, item_top1_benefit
 from fastfill_udfs.training import fit_benefit_head, fit_uncertainty_head
 
@@ -32,10 +33,7 @@ def class_features(d, t, protos) -> dict:
     prototypes, both of h's output (what a margin-aware order could use)."""
     W, b = d["W"].astype(np.float64), d["b"].astype(np.float64)
     p = np.sort(softmax(t @ W.T + b), axis=1)
-    pr = np.asarray(protos["prototypes"], np.float64)
-    dist = np.sqrt(np.maximum((t * t).sum(1)[:, None] - 2 * t @ pr.T + (pr * pr).sum(1)[None],
-                              0.0))
-    return {"cls_sorted": p, "proto_sorted": np.sort(dist, axis=1)}
+    return {"cls_sorted": p, "proto_sorted": np.sort(prototype_distances(t, protos), axis=1)}
 
 
 def rank01(x) -> np.ndarray:
@@ -71,8 +69,7 @@ def scores_for(d, rows, t, sigma, extra):
            "cls_margin": -(ps[:, -1] - ps[:, -2])}
     for name, protos in extra.get("prototypes", {}).items():
         out[name] = order_scores("prototype", transformed=t, prototypes=protos)
-        ds = class_features(d, t, protos)["proto_sorted"]
-        out[f"{name}_margin"] = -(ds[:, 1] - ds[:, 0])
+        out[f"{name}_margin"] = -prototype_margin(t, protos)
     for name, s in extra.get("sigmas", {}).items():
         out[name] = s
     return out
@@ -133,9 +130,7 @@ def main(argv=None):
     _, s_crossA = apply_h(h_cross, d["old_train"][A])
     nB = d["new_train"][B].astype(np.float64)
     yB, idB = d["y_train"][B], d["train_ids"][B]
-    fit_rows = d["fit_idx"]
-    extra = {"prototypes": {"prototype": fit_prototypes(d["new_train"][fit_rows],
-                                                        d["y_train"][fit_rows], distance=dist)},
+    extra = {"prototypes": {"prototype": protos_fit},
              "sigmas": {"sigma_crossfit": s_cross,
                         "benefit_mlp": apply_h(h_benefit, d["old_train"][B])[1],
                         "benefit_linear": apply_h(h_benefit_lin, d["old_train"][B])[1],

@@ -70,13 +70,17 @@ def realised_benefit(new, labels, transformed, *, distance: str = "l2", ids=None
     return benefit
 
 
+def _check_margin_weight(weight) -> None:
+    if not (np.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"margin_weight (transformation.order_margin_weight) must be in [0, 1], "
+                         f"got {weight!r}")
+
+
 def fit_order_blend(h: Transformation, old, weight: float, levels: int = 101) -> dict:
     """The `order_blend` of `h` (which must carry prototypes and an uncertainty head, no blend
     yet): `levels` quantiles of the head's sigma and of the prototype margin over the held-out
     items ``old``, and the margin's ``weight`` in [0, 1]. Raises ValueError otherwise."""
-    if not (np.isfinite(weight) and 0.0 <= weight <= 1.0):
-        raise ValueError(f"margin weight (transformation.order_margin_weight) must be in [0, 1], "
-                         f"got {weight!r}")
+    _check_margin_weight(weight)
     if h.prototypes is None or not h.has_uncertainty or h.order_blend is not None:
         raise ValueError("fit_order_blend needs an h with prototypes and an uncertainty head and "
                          "no blend yet")
@@ -113,9 +117,7 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     if not (np.isfinite(top1_weight) and top1_weight >= 0):
         raise ValueError(f"top1_weight (transformation.order_top1_weight) must be a finite "
                          f"number >= 0, got {top1_weight!r}")
-    if not (np.isfinite(margin_weight) and 0.0 <= margin_weight <= 1.0):
-        raise ValueError(f"margin_weight (transformation.order_margin_weight) must be in [0, 1], "
-                         f"got {margin_weight!r}")
+    _check_margin_weight(margin_weight)
     old, new = np.asarray(old, np.float32), np.asarray(new, np.float32)
     labels = np.asarray(labels)
     if not (len(old) == len(new) == len(labels)) or len(old) < 4:

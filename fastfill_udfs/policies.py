@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_scores", "prototype_margin", "random_scores_for_ids", "rank_order",
+__all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_distances", "prototype_scores", "prototype_margin", "random_scores_for_ids", "rank_order",
            "batch_id_for_rank", "assign_batches", "batch_sizes"]
 
 POLICIES = ("uncertainty", "random", "oracle", "prototype")
@@ -101,9 +101,9 @@ def fit_prototypes(new_embeddings, labels, *, distance: str = "cosine") -> dict:
             "prototypes": protos.tolist()}
 
 
-def _prototype_distances(transformed, prototypes: dict) -> np.ndarray:
-    """Items x classes distances of the transformed embeddings to the prototypes (cosine
-    ``1 - cos``, l2 ``||.||``), after checking both."""
+def prototype_distances(transformed, prototypes: dict) -> np.ndarray:
+    """Items x classes distances of the transformed embeddings to the prototypes (float64;
+    cosine ``1 - cos``, l2 ``||.||``). Raises ValueError as :func:`prototype_scores`."""
     if not isinstance(prototypes, dict) or prototypes.get("version") != PROTOTYPES_VERSION:
         raise ValueError("prototypes must be a dict from fit_prototypes (version "
                          f"{PROTOTYPES_VERSION})")
@@ -125,14 +125,14 @@ def prototype_scores(transformed, prototypes: dict) -> np.ndarray:
     """Distance of each transformed embedding to its nearest prototype (float64): cosine
     ``1 - max_c cos(h(o), p_c)``, l2 ``min_c ||h(o) - p_c||``. Raises ValueError for bad
     parameters (naming the key) or inputs."""
-    return _prototype_distances(transformed, prototypes).min(axis=1)
+    return prototype_distances(transformed, prototypes).min(axis=1)
 
 
 def prototype_margin(transformed, prototypes: dict) -> np.ndarray:
     """Per item, the distance to the second-nearest prototype minus the distance to the
     nearest (float64, >= 0; 0 with a single class): small = between two classes. Raises
     ValueError as :func:`prototype_scores`."""
-    d = _prototype_distances(transformed, prototypes)
+    d = prototype_distances(transformed, prototypes)
     if d.shape[1] < 2:
         return np.zeros(len(d))
     two = np.partition(d, 1, axis=1)[:, :2]
