@@ -2,29 +2,40 @@
 
 For one scenario and seed (cached embeddings, bench/curve_cache.py) and both distances:
 similarity statistics per gallery source, the t=0 deficit per class, and the backfilling curves
-of random / sigma / oracle orders and of the greedy realised-benefit ceiling (which uses the
-test gallery's new embeddings: analysis only). Reports the fraction of the gallery each order
-needs to get within 0.5 mAP points of new/new.
+of random / sigma / oracle orders, of the default order (benefit head with the margin blend,
+fitted on the validation split), of the exact static benefit (each test item's own benefit of
+being backfilled alone at t=0, mAP only and with the default top-1 weight: what a perfect
+predictor of the head's target would reach) and of the greedy realised-benefit ceiling
+(recomputed after every batch). The last two use the test gallery's new embeddings: analysis
+only. Reports the fraction of the gallery each order needs to get within 0.5 mAP points of
+new/new, and each order's rank correlation with the exact static benefit (how much of it an
+order reads from the old embedding).
 
-    python bench/curve_reach.py --scenario new_classes --seed 0
+    python bench/curve_reach.py --scenario bigger_model --seed 0 --distances l2 \
+        --h '{"hidden_dim": 1024, "epochs": 40}'
 
 Writes .cache/curve/results/reach_<scenario>_s<seed>.json and prints markdown tables.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import spearmanr
 
 from curve_lib import (CACHE, H_DEFAULT, apply_h, curve, get_h, load, ref,
                        summarise)
 
+from fastfill_udfs.order_fitting import fit_h_extras, realised_benefit
 from fastfill_udfs.policies import order_scores, rank_order
 from fastfill_udfs.reachability import greedy_order, per_class_map, similarity_stats
+
+TOP1_WEIGHT, MARGIN_WEIGHT = 0.5, 0.5  # conf/base.yaml's order_top1_weight, order_margin_weight
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,17 +43,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distances", default="cosine,l2")
     p.add_argument("--greedy-queries", type=int, default=0, help="0 = all queries")
+    p.add_argument("--h", default="{}", help="JSON overrides of h's settings, e.g. the "
+                   "report's '{\"hidden_dim\": 1024, \"epochs\": 40}'")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     d = load(a.scenario, a.seed)
-    hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **H_DEFAULT)
-    hc = get_h(d, "fct", d["fit_idx"], seed=2, **H_DEFAULT)
+    hk = {**H_DEFAULT, **json.loads(a.h)}
+    hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **hk)
+    hc = get_h(d, "fct", d["fit_idx"], seed=2, **hk)
     tf, sf = apply_h(hf, d["old_test"])
     tc, _ = apply_h(hc, d["old_test"])
     n = d["new_test"].astype(np.float64)
     o = d["old_test"].astype(np.float64)
     y, ids = d["y_test"], d["test_ids"]
-    out = {"scenario": a.scenario, "seed": a.seed, "meta": d["meta"], "distances": {}}
+    out = {"scenario": a.scenario, "seed": a.seed, "meta": d["meta"], "h": hk, "distances": {}}
     for dist in a.distances.split(","):
         t0 = time.time()
         r = {"refs": {"old/old": ref(o, y, o, y, ids, dist), "new/new": ref(n, y, n, y, ids, dist),
@@ -55,12 +69,26 @@ def main(argv=None):
         pc1 = per_class_map(n, y, n, y, query_ids=ids, gallery_ids=ids, distance=dist)
         r["per_class"] = pd.DataFrame({"t0": pc0, "new_new": pc1,
                                        "deficit": pc1 - pc0}).reset_index(names="cls").to_dict("records")
+        V = d["val_idx"]
+        h_default = fit_h_extras(hf, d["old_train"][V], d["new_train"][V], d["y_train"][V],
+                                 distance=dist, top1_weight=TOP1_WEIGHT,
+                                 margin_weight=MARGIN_WEIGHT,
+                                 prototype_new=d["new_train"][d["fit_idx"]],
+                                 prototype_labels=d["y_train"][d["fit_idx"]])
+        exact = {w: realised_benefit(n, y, tf, distance=dist, ids=ids, top1_weight=w)
+                 for w in (0.0, TOP1_WEIGHT)}
+        scores = {"fastfill_default": apply_h(h_default, d["old_test"])[1],
+                  "exact_static_map": exact[0.0],
+                  f"exact_static_top1x{TOP1_WEIGHT:g}": exact[TOP1_WEIGHT]}
         orders = {}
         for name, pol, t in (("fct_random", "random", tc), ("fastfill_random", "random", tf),
                              ("fastfill_uncertainty", "uncertainty", tf),
                              ("fastfill_oracle", "oracle", tf)):
-            orders[name] = (rank_order(order_scores(pol, sigma=sf, transformed=t, new=n, ids=ids,
-                                                    seed=a.seed), ids), t)
+            scores[name] = order_scores(pol, sigma=sf, transformed=t, new=n, ids=ids,
+                                        seed=a.seed)
+            orders[name] = (rank_order(scores[name], ids), t)
+        for name in ("fastfill_default", "exact_static_map", f"exact_static_top1x{TOP1_WEIGHT:g}"):
+            orders[name] = (rank_order(scores[name], ids), tf)
         qsel = np.arange(len(y)) if not a.greedy_queries else \
             np.sort(np.random.default_rng(0).permutation(len(y))[:a.greedy_queries])
         g0 = time.time()
@@ -74,6 +102,9 @@ def main(argv=None):
             c.insert(0, "policy", name)
             curves.append(c)
             summ[name] = summarise(c, nn, summ.get("fct_random", {}).get("mAP_auc"))
+            if name in scores and name != "fct_random":
+                summ[name]["rho_exact"] = float(spearmanr(scores[name],
+                                                          exact[TOP1_WEIGHT])[0])
             # the t=0 deficit that the first 20% of this order covers, per class
             first = order[: len(order) // 5]
             summ[name]["first20pct_classes"] = np.bincount(y[first], minlength=10).tolist()
@@ -89,7 +120,8 @@ def main(argv=None):
             print(k, "classes in the first 20%:", v["first20pct_classes"])
     res = CACHE / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / f"reach_{a.scenario}_s{a.seed}.json").write_text(json.dumps(out, default=float))
+    tag = "" if hk == H_DEFAULT else "_h" + hashlib.md5(a.h.encode()).hexdigest()[:6]
+    (res / f"reach_{a.scenario}_s{a.seed}{tag}.json").write_text(json.dumps(out, default=float))
 
 
 if __name__ == "__main__":
