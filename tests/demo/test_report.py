@@ -56,6 +56,12 @@ def test_scenario_configs():
     assert bm.get_path("demo.old_model.embedding_dim") == 64
     assert bm.get_path("demo.old_model.epochs") == 4 and bm.get_path("demo.new_model.epochs") == 8
     assert bm.get_path("evaluation.distance") == "cosine"
+    # the report's h (wider and longer than the demo's), in both scenarios; --set still wins
+    for cfg in (nc, bm):
+        assert cfg.get_path("transformation.hidden_dim") == 1024
+        assert cfg.get_path("transformation.epochs") == 40
+    short = scenario_config("new_classes", 0, ["transformation.epochs=5"])
+    assert short.get_path("transformation.epochs") == 5
     with pytest.raises(KeyError):
         scenario_config("smaller_model", 0)
 
