@@ -31,11 +31,12 @@ from scipy.stats import spearmanr
 from curve_lib import (CACHE, H_DEFAULT, apply_h, curve, get_h, load, ref,
                        summarise)
 
-from fastfill_udfs.order_fitting import fit_h_extras, realised_benefit
+from fastfill_udfs.config import load_config
+from fastfill_udfs.order_fitting import fit_h_extras
 from fastfill_udfs.policies import order_scores, rank_order
-from fastfill_udfs.reachability import greedy_order, per_class_map, similarity_stats
+from fastfill_udfs.reachability import (greedy_order, item_map_benefit, item_top1_benefit,
+                                        per_class_map, similarity_stats)
 
-TOP1_WEIGHT, MARGIN_WEIGHT = 0.5, 0.5  # conf/base.yaml's order_top1_weight, order_margin_weight
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,6 +48,9 @@ def main(argv=None):
                    "report's '{\"hidden_dim\": 1024, \"epochs\": 40}'")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
+    base = load_config()  # the default order's weights, as a user run gets them
+    top1_w = base.get_path("transformation.order_top1_weight")
+    margin_w = base.get_path("transformation.order_margin_weight")
     d = load(a.scenario, a.seed)
     hk = {**H_DEFAULT, **json.loads(a.h)}
     hf = get_h(d, "fastfill", d["fit_idx"], seed=2, **hk)
@@ -71,24 +75,23 @@ def main(argv=None):
                                        "deficit": pc1 - pc0}).reset_index(names="cls").to_dict("records")
         V = d["val_idx"]
         h_default = fit_h_extras(hf, d["old_train"][V], d["new_train"][V], d["y_train"][V],
-                                 distance=dist, top1_weight=TOP1_WEIGHT,
-                                 margin_weight=MARGIN_WEIGHT,
+                                 distance=dist, top1_weight=top1_w, margin_weight=margin_w,
                                  prototype_new=d["new_train"][d["fit_idx"]],
                                  prototype_labels=d["y_train"][d["fit_idx"]])
-        exact = {w: realised_benefit(n, y, tf, distance=dist, ids=ids, top1_weight=w)
-                 for w in (0.0, TOP1_WEIGHT)}
-        scores = {"fastfill_default": apply_h(h_default, d["old_test"])[1],
-                  "exact_static_map": exact[0.0],
-                  f"exact_static_top1x{TOP1_WEIGHT:g}": exact[TOP1_WEIGHT]}
-        orders = {}
-        for name, pol, t in (("fct_random", "random", tc), ("fastfill_random", "random", tf),
-                             ("fastfill_uncertainty", "uncertainty", tf),
-                             ("fastfill_oracle", "oracle", tf)):
-            scores[name] = order_scores(pol, sigma=sf, transformed=t, new=n, ids=ids,
-                                        seed=a.seed)
-            orders[name] = (rank_order(scores[name], ids), t)
-        for name in ("fastfill_default", "exact_static_map", f"exact_static_top1x{TOP1_WEIGHT:g}"):
-            orders[name] = (rank_order(scores[name], ids), tf)
+        # each test item's exact benefit of being backfilled alone (the head's target)
+        kw = dict(query_ids=ids, gallery_ids=ids, distance=dist)
+        exact_map = item_map_benefit(n, y, tf, n, y, **kw)
+        exact = exact_map + top1_w * item_top1_benefit(n, y, tf, n, y, **kw)
+        # fct_random first: summarise() measures every closure against it
+        scores = {name: order_scores(pol, sigma=sf, transformed=tf, new=n, ids=ids, seed=a.seed)
+                  for name, pol in (("fct_random", "random"), ("fastfill_random", "random"),
+                                    ("fastfill_uncertainty", "uncertainty"),
+                                    ("fastfill_oracle", "oracle"))}
+        scores.update({"fastfill_default": apply_h(h_default, d["old_test"])[1],
+                       "exact_static_map": exact_map,
+                       f"exact_static_top1x{top1_w:g}": exact})
+        orders = {name: (rank_order(sc, ids), tc if name == "fct_random" else tf)
+                  for name, sc in scores.items()}
         qsel = np.arange(len(y)) if not a.greedy_queries else \
             np.sort(np.random.default_rng(0).permutation(len(y))[:a.greedy_queries])
         g0 = time.time()
@@ -103,8 +106,7 @@ def main(argv=None):
             curves.append(c)
             summ[name] = summarise(c, nn, summ.get("fct_random", {}).get("mAP_auc"))
             if name in scores and name != "fct_random":
-                summ[name]["rho_exact"] = float(spearmanr(scores[name],
-                                                          exact[TOP1_WEIGHT])[0])
+                summ[name]["rho_exact"] = float(spearmanr(scores[name], exact)[0])
             # the t=0 deficit that the first 20% of this order covers, per class
             first = order[: len(order) // 5]
             summ[name]["first20pct_classes"] = np.bincount(y[first], minlength=10).tolist()
@@ -120,7 +122,8 @@ def main(argv=None):
             print(k, "classes in the first 20%:", v["first20pct_classes"])
     res = CACHE / "results"
     res.mkdir(parents=True, exist_ok=True)
-    tag = "" if hk == H_DEFAULT else "_h" + hashlib.md5(a.h.encode()).hexdigest()[:6]
+    tag = "" if hk == H_DEFAULT else \
+        "_h" + hashlib.md5(json.dumps(hk, sort_keys=True).encode()).hexdigest()[:6]
     (res / f"reach_{a.scenario}_s{a.seed}{tag}.json").write_text(json.dumps(out, default=float))
 
 

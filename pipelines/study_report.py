@@ -6,10 +6,9 @@
 Scenarios: new_classes (conf/fashion_mnist.yaml: the paper's update, old and new the same CNN,
 the old one trained on classes 0-4) and bigger_model (+ conf/fashion_mnist_bigger_model.yaml).
 The report trains the CNNs 8 epochs (the demo: fewer, to fit its time budget; the bigger
-model's old CNN keeps its 4) and h 1024 wide for 40 epochs (the demo: 512, 20), and caches
-the CNNs
-in study.model_cache (default .cache/study_models), so a rerun only retrains h and recomputes
-the curves; each study's tables are kept in <paths.outputs>/report/studies/ and reused while
+model's old CNN keeps its 4) and h 1024 wide for 40 epochs (the demo: 512, 20). It caches the
+CNNs in study.model_cache (default .cache/study_models), so a rerun only retrains h and
+recomputes the curves; each study's tables are kept in <paths.outputs>/report/studies/ and reused while
 its config is unchanged (--recompute runs them again; --kept-only reports the kept ones
 without running any). Writes <paths.outputs>/report/
 (study_report.csv per seed, study_report_summary.csv
