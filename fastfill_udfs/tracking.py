@@ -409,3 +409,71 @@ def publish_backfill_view(exp_id: str, name: str = "Backfill curves") -> str:
     state = backfill_view_state(keys)
     client.set_experiment_tag(exp_id, SHARED_VIEW_PREFIX + BACKFILL_VIEW, encode_view(name, state))
     return BACKFILL_VIEW
+
+
+FORECAST_DIR = "forecast"
+
+
+def _metric_key(text: str) -> str:
+    """An MLflow-safe metric name part ("benefit+margin reversed" -> "benefit_margin_reversed")."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_")
+
+
+def log_forecast(forecast, run_id: str | None = None) -> None:
+    """Log a :class:`fastfill_udfs.forecast.Forecast` to the active (or given) MLflow run:
+    params (decision, reason, metric, sample sizes), metrics (every candidate's forecast AUC
+    and band, random order's spread, the recommended stop) and the artifacts
+    forecast/forecast.json, forecast.csv and forecast.png."""
+    import tempfile
+
+    import mlflow
+    import numpy as np
+
+    from fastfill_udfs.reporting import plot_forecast
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    d, info = forecast.decision, forecast.info
+    params = {"forecast_choice": d["key"], "forecast_reason": d["reason"][:5000],
+              "forecast_metric": forecast.metric, "forecast_items": info.get("n_items"),
+              "forecast_queries": info.get("queries"), "forecast_probes": info.get("n_probe", 0),
+              "forecast_stop": forecast.stop["reason"][:5000]}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    metrics = {"forecast_stop_fraction": forecast.stop["fraction"],
+               "forecast_random_auc_mean": float(np.mean(forecast.random_aucs)),
+               "forecast_random_auc_sd": float(np.std(forecast.random_aucs, ddof=1)),
+               "forecast_random_auc_max": float(np.max(forecast.random_aucs)),
+               "forecast_beats_random": float(d["beats_random"])}
+    for c in forecast.candidates:
+        k = _metric_key(c["key"])
+        metrics.update({f"forecast_auc_{k}": c["auc"], f"forecast_auc_lo_{k}": c["auc_lo"],
+                        f"forecast_auc_hi_{k}": c["auc_hi"]})
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "forecast.json").write_text(forecast.to_json())
+        forecast.table().to_csv(folder / "forecast.csv", index=False)
+        plot_forecast(forecast, folder / "forecast.png")
+        client.log_artifacts(run_id, str(folder), FORECAST_DIR)
+
+
+def download_forecast(run_id: str):
+    """The forecast logged in MLflow run `run_id` (see `log_forecast`), or None when it has
+    none."""
+    import tempfile
+
+    import mlflow
+
+    from fastfill_udfs.forecast import Forecast
+
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(run_id, FORECAST_DIR)}
+    if f"{FORECAST_DIR}/forecast.json" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, f"{FORECAST_DIR}/forecast.json", tmp)
+        return Forecast.from_json(Path(path).read_text())

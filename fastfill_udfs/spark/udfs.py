@@ -72,13 +72,14 @@ def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | Non
                  seed: int = 0) -> Callable:
     """mapInArrow function: old_embedding -> transformed embedding, sigma, the `policy`'s
     ordering score (`policies.order_scores`, from sigma, the id or, for ``prototype``, h's
-    output and the prototypes stored with h; omitted without a policy) and a `reason` for rows
+    output and the prototypes stored with h; ``auto``: h's forecast choice; omitted without a
+    policy) and a `reason` for rows
     that cannot be scored (null / wrong dimension / NaN input, or a non-finite output of h),
     which get null outputs."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
 
-        from fastfill_udfs.policies import order_scores
+        from fastfill_udfs.policies import auto_scores, order_scores
 
         h = payload_bc.value.load()
         torch.set_num_threads(1)
@@ -91,8 +92,11 @@ def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | Non
             cols["sigma"] = pa.array(sigma, mask=bad)
             if policy is not None:
                 ids = batch.column("id").to_numpy(zero_copy_only=False)
-                score = order_scores(policy, sigma=np.where(bad, 0.0, sigma), ids=ids, seed=seed,
-                                     transformed=emb, prototypes=h.prototypes)
+                if policy == "auto":
+                    score = auto_scores(h, np.where(bad[:, None], 0.0, old), ids, seed)
+                else:
+                    score = order_scores(policy, sigma=np.where(bad, 0.0, sigma), ids=ids,
+                                         seed=seed, transformed=emb, prototypes=h.prototypes)
                 cols["score"] = pa.array(score, mask=bad)
             cols["reason"] = pa.array(reasons.tolist(), pa.string())
             yield pa.RecordBatch.from_pydict(cols)
