@@ -343,10 +343,25 @@ def _chart(key: str, section: str, line: bool) -> dict:
     return chart
 
 
+FORECAST_KEYS = ("forecast_gain_share", "gain_share")
+FORECAST_CHART = "share of the gain: forecast vs realised"
+
+
+def forecast_chart(keys, section: str) -> dict:
+    """One line chart of the forecast's and the realised share of the t0 -> new/new gain per
+    step: the forecast is logged for every planned step before the first batch, the realised
+    curve grows beside it."""
+    chart = _chart(keys[0], section, True)
+    chart.update({"uuid": "fastfill-forecast-vs-realised", "displayName": FORECAST_CHART,
+                  "selectedMetricKeys": list(keys)})
+    return chart
+
+
 def is_single_value_metric(key: str) -> bool:
     """Logged once per run (AUCs, the new/new reference at step 0, the minority's share of
     the first 10%), not along the curve."""
-    return key.endswith("_auc") or key.startswith("new_new_") or "_share_first_" in key
+    return (key.endswith("_auc") or key.startswith("new_new_") or "_share_first_" in key
+            or key == "forecast_gap_max")
 
 
 def backfill_view_state(metric_keys) -> dict:
@@ -356,14 +371,20 @@ def backfill_view_state(metric_keys) -> dict:
     bars; the run table shows policy, new model, data and the AUCs."""
     keys = sorted(set(metric_keys))
     curves = [k for k in CURVE_KEYS if k in keys]
+    forecast = [k for k in FORECAST_KEYS if k in keys]
     single = [k for k in keys if k not in curves and is_single_value_metric(k)]
-    lines = [k for k in keys if k not in curves and k not in single]
-    sections = [("fastfill-curves", "Backfill curves (against step = committed batches)"),
-                ("fastfill-steps", "Subgroups and gaps per step"),
-                ("fastfill-final", "Final values (AUC, new/new, shares)")]
-    charts = ([_chart(k, sections[0][0], True) for k in curves]
-              + [_chart(k, sections[1][0], True) for k in lines]
-              + [_chart(k, sections[2][0], False) for k in single])
+    lines = [k for k in keys if k not in curves and k not in single and k not in forecast
+             and not k.startswith(("forecast_", "estimate_"))]
+    sections = [("fastfill-curves", "Backfill curves (against step = committed batches)")]
+    if forecast:
+        sections.append(("fastfill-forecast",
+                         "Forecast (logged before the first batch) vs realised"))
+    sections += [("fastfill-steps", "Subgroups and gaps per step"),
+                 ("fastfill-final", "Final values (AUC, new/new, shares)")]
+    charts = ([_chart(k, "fastfill-curves", True) for k in curves]
+              + ([forecast_chart(forecast, "fastfill-forecast")] if forecast else [])
+              + [_chart(k, "fastfill-steps", True) for k in lines]
+              + [_chart(k, "fastfill-final", False) for k in single])
     return {
         "searchFilter": f"tags.`{KIND_TAG}` = 'backfill'",
         "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -223,8 +224,26 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
                         "raise transformation.train_rows", len(held), MIN_HELD_OUT)
         forecast, n_probe = None, 0
         if cfg.get_path("forecast.enabled") and held is not None:
-            forecast, n_probe, h = _forecast(spark, cfg, new_model, h_base, h, pdf, fit, held,
-                                             labels, built)
+            try:
+                forecast, n_probe, h = _forecast(spark, cfg, new_model, h_base, h, pdf, fit,
+                                                 held, labels, built)
+            except ValueError as exc:   # data the forecast cannot use: random order, said so
+                from fastfill_udfs.forecast import random_spec
+
+                log.warning("train_transformation: no forecast (%s): the auto policy will order "
+                            "at random", exc)
+                mlflow.log_params({"forecast_choice": "random",
+                                   "forecast_reason": f"no forecast: {exc}"[:5000]})
+                h = copy.deepcopy(h)
+                h.auto_order = random_spec(cfg.get_path("seed"))
+        elif cfg.get_path("forecast.enabled"):
+            from fastfill_udfs.forecast import random_spec
+
+            log.warning("train_transformation: %d pairs are too few to hold any out for the "
+                        "forecast: the auto policy will order at random; raise "
+                        "transformation.train_rows", len(pdf))
+            h = copy.deepcopy(h)
+            h.auto_order = random_spec(cfg.get_path("seed"))
         pairs_version = latest_version(spark, built["table"])
         mlflow.log_params({"order_head_fitted": fitted,
                            "n_pairs_held_out": 0 if held is None else len(held),
@@ -247,8 +266,6 @@ def _forecast(spark: SparkSession, cfg: Config, new_model: ModelRef, h_base, h, 
               held, labels, built: dict):
     """Prototypes for the forecast (class means of h's training pairs, or k-means clusters
     without labels), then `spark.forecast.forecast_and_choose`. Returns (forecast, probes, h)."""
-    import copy
-
     from fastfill_udfs.policies import fit_prototypes
     from fastfill_udfs.spark.forecast import (HeldOut, _held_out, cluster_prototypes,
                                               forecast_and_choose)
