@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     if fc is None:
         print("no forecast (no hold-out rows)")
         return 1
+    (cache / f"forecast_{a.dataset}_s{a.seed}.json").write_text(fc.to_json())
     h = models.h["fastfill"]
     old_t, new_t = embed(models.old, test.images), embed(models.new, test.images)
     transformed, _ = transform(h, old_t)
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
                               dtype="float32", **kw)
     auto = realised(auto_scores(h, old_t, test.ids, cfg.get_path("seed")),
                     (h.auto_order or {}).get("calibration"))
+    auto.to_csv(cache / f"realised_auto_{a.dataset}_s{a.seed}.csv", index=False)
     rand = [realised(order_scores("random", ids=test.ids, seed=1000 + r)) for r in range(a.random)]
     x = auto["backfill_fraction"].to_numpy()
     auc = curve_auc(x, auto["mAP"])
@@ -152,6 +154,9 @@ def main(argv=None) -> int:
            "stop_forecast": stop, "reach_realised": reach,
            "stop_ok": bool(np.isfinite(reach) and abs(stop - reach) <= 0.1),
            "newnew_mAP": newnew, "t0_mAP": float(auto["mAP"].iloc[0]),
+           "auto_top1_auc": curve_auc(x, auto["top1"]),
+           "random_top1_auc_mean": float(np.mean([curve_auc(x, c["top1"]) for c in rand])),
+           "random_top1_auc_min": float(np.min([curve_auc(x, c["top1"]) for c in rand])),
            "seconds": time.time() - t0}
     print("\n".join(fc.summary_lines()))
     print(f"\n{a.dataset} seed {a.seed}: auto ({key}) realised mAP AUC {auc:.4f}; random "

@@ -37,7 +37,7 @@ def refusal_errors() -> tuple[type, ...]:
     from fastfill_udfs.model_loading import ModelNotFoundError
     from fastfill_udfs.spark.backfill import ModelMismatchError
     from fastfill_udfs.spark.delta_io import TableNotFoundError
-    from fastfill_udfs.spark.estimate import NoForecastError
+    from fastfill_udfs.spark.forecast import NoForecastError
     from fastfill_udfs.spark.rank import StaleRankingError
 
     return (ModelNotFoundError, ModelMismatchError, TableNotFoundError, StaleRankingError,

@@ -652,14 +652,15 @@ def recommend_stop(fractions, curve, epsilon: float, metric: str = "mAP") -> dic
     peak = int(np.argmax(y))
     out = {"fraction": at, "epsilon": float(epsilon), "metric": metric,
            "peak_fraction": float(x[peak]), "peak_gain": float(y[peak] - end)}
-    unit = "mAP points" if metric == "mAP" else "points of agreement"
-    scale = 100.0
-    out["reason"] = (f"the forecast comes within {epsilon * scale:.2g} {unit} of the all-new "
-                     f"gallery at t={at:.2f}")
+    def points(v):
+        n = f"{v * 100:.2g}"
+        return f"{n} {'mAP ' if metric == 'mAP' else ''}point{'' if n == '1' else 's'}" + (
+            "" if metric == "mAP" else " of agreement")
+    out["reason"] = (f"the forecast comes within {points(epsilon)} of the all-new gallery at "
+                     f"t={at:.2f}")
     if y[peak] > end + epsilon:
-        out["reason"] += (f"; it peaks at t={x[peak]:.2f}, {(y[peak] - end) * scale:.2g} "
-                          f"{unit} above the all-new gallery (the mixed gallery beats the new "
-                          "model alone there)")
+        out["reason"] += (f"; it peaks at t={x[peak]:.2f}, {points(y[peak] - end)} above the "
+                          "all-new gallery (the mixed gallery beats the new model alone there)")
     return out
 
 

@@ -115,10 +115,6 @@ def estimate_metrics(rate: Rate | None, items_left: int, stop: dict | None) -> d
 STOP_RULES = ("none", "forecast")
 
 
-class NoForecastError(ValueError):
-    """backfill.stop=forecast for a run whose order has no forecast."""
-
-
 def plan_ahead(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str, policy: str, *,
                stop: str, max_batches: int | None, measure: bool = True) -> dict:
     """Before a backfill's first batch: the batches it will run (`max_batches`, cut at the
@@ -126,8 +122,8 @@ def plan_ahead(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str, 
     lines. Returns {max_batches, lines, metrics, stop}. Raises ValueError for an unknown
     `stop` (naming backfill.stop), NoForecastError for ``forecast`` without a forecast."""
     from fastfill_udfs.spark.backfill import committed_batches, planned_batches
-    from fastfill_udfs.spark.forecast import (forecast_fractions, planned_fractions,
-                                              run_forecast, stop_batch)
+    from fastfill_udfs.spark.forecast import (NoForecastError, forecast_fractions,
+                                              planned_fractions, run_forecast, stop_batch)
     from fastfill_udfs.spark.rank import plan_metadata
 
     if stop not in STOP_RULES:

@@ -24,6 +24,10 @@ from fastfill_udfs.spark.delta_io import is_delta_table, read_table, table_paths
 log = logging.getLogger(__name__)
 
 
+class NoForecastError(ValueError):
+    """A job needs a forecast the run's h does not carry (policy auto, backfill.stop=forecast)."""
+
+
 def cluster_prototypes(new: np.ndarray, distance: str, seed: int) -> dict:
     """Class prototypes without labels: k-means centroids of new embeddings (k about one per
     30 items, 2..64), for the margin and distance orders of an unlabelled gallery."""
@@ -76,9 +80,8 @@ def probe(spark: SparkSession, cfg: Config, new_model: ModelRef, n: int, round_:
     new model and append them to `train_pairs` as role `probe`. Returns them (fewer when items
     could not be embedded; those stay in the backfill plan)."""
     from fastfill_udfs.spark.delta_io import latest_version, write_table
-    from fastfill_udfs.spark.images import attach_images
-    from fastfill_udfs.spark.ingest import embed_images
-    from fastfill_udfs.spark.train_transformation import sample_rows, usable_gallery
+    from fastfill_udfs.spark.train_transformation import (embed_pairs, sample_rows,
+                                                          usable_gallery)
 
     paths = table_paths(cfg)
     gallery, image_col = usable_gallery(spark, cfg)
@@ -86,12 +89,7 @@ def probe(spark: SparkSession, cfg: Config, new_model: ModelRef, n: int, round_:
     rest = gallery.join(taken, "id", "left_anti").select("id", "label", "old_embedding",
                                                            image_col)
     sample = sample_rows(rest, n, cfg.get_path("seed") + 1000 + round_)
-    if image_col == "image_uri":
-        sample, _ = attach_images(spark, sample, cfg.get_path("data.image_root"))
-    embedded = embed_images(spark, sample, new_model, cfg, ["id", "label", "old_embedding"])
-    rows = (embedded.where("reason IS NULL")
-            .select("id", "old_embedding", F.col("embedding").alias("new_embedding"), "label",
-                    F.lit("probe").alias("role")))
+    rows, _, _ = embed_pairs(spark, cfg, new_model, sample, image_col, "probe")
     got = rows.toPandas()   # embedded once: the sample excludes train_pairs, which this extends
     if len(got):
         write_table(spark.createDataFrame(got, schema=rows.schema), paths.train_pairs,
@@ -214,7 +212,7 @@ def announce_forecast(h: ModelRef) -> Forecast | None:
     Raises ValueError when h carries no forecast choice."""
     spec = getattr(h.model, "auto_order", None)
     if spec is None:
-        raise ValueError(f"policy 'auto' needs h trained with a forecast (forecast.enabled=true "
+        raise NoForecastError(f"policy 'auto' needs h trained with a forecast (forecast.enabled=true "
                          f"in pipelines/train_transformation.py); h {h.version} has none: "
                          "retrain it, or choose --policy uncertainty or random")
     forecast = load_forecast(h)

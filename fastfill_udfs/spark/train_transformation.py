@@ -92,24 +92,33 @@ def usable_gallery(spark: SparkSession, cfg: Config, version: int | None = None
                           & ~F.exists("old_embedding", lambda x: F.isnan(x))), image_col)
 
 
-def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
-    """Sample, embed and write `train_pairs` (role `sample`); returns {table, version, n_pairs,
-    n_failed, n_gallery}."""
+def embed_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef, sample: DataFrame,
+                image_col: str, role: str) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(the pairs of `sample` (gallery rows) embedded by the new model: id, old_embedding,
+    new_embedding, label, role; the items whose image is missing (id, reason); every embedded
+    row with its `reason`, null when it embedded)."""
     from fastfill_udfs.spark.images import attach_images
     from fastfill_udfs.spark.ingest import embed_images
 
-    paths = table_paths(cfg)
-    gallery_version = latest_version(spark, paths.gallery)
-    usable, image_col = usable_gallery(spark, cfg, gallery_version)
-    sample = sample_rows(usable.select("id", "label", "old_embedding", image_col),
-                         cfg.get_path("transformation.train_rows"), cfg.get_path("seed"))
     missing = spark.createDataFrame([], "id string, reason string")
     if image_col == "image_uri":
         sample, missing = attach_images(spark, sample, cfg.get_path("data.image_root"))
     embedded = embed_images(spark, sample, new_model, cfg, ["id", "label", "old_embedding"])
     pairs = (embedded.where("reason IS NULL")
              .select("id", "old_embedding", F.col("embedding").alias("new_embedding"), "label",
-                     F.lit("sample").alias("role")))
+                     F.lit(role).alias("role")))
+    return pairs, missing, embedded
+
+
+def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
+    """Sample, embed and write `train_pairs` (role `sample`); returns {table, version, n_pairs,
+    n_failed, n_gallery}."""
+    paths = table_paths(cfg)
+    gallery_version = latest_version(spark, paths.gallery)
+    usable, image_col = usable_gallery(spark, cfg, gallery_version)
+    sample = sample_rows(usable.select("id", "label", "old_embedding", image_col),
+                         cfg.get_path("transformation.train_rows"), cfg.get_path("seed"))
+    pairs, missing, embedded = embed_pairs(spark, cfg, new_model, sample, image_col, "sample")
     write_table(pairs, paths.train_pairs, metadata={
         "gallery_version": gallery_version, "new_model": new_model.identity,
         "seed": cfg.get_path("seed"), "train_rows": cfg.get_path("transformation.train_rows")})
@@ -277,7 +286,7 @@ def _forecast(spark: SparkSession, cfg: Config, new_model: ModelRef, h_base, h, 
         h_base.prototypes = fit_prototypes(new_fit, labels[fit], distance=distance)
     else:
         h_base.prototypes = cluster_prototypes(new_fit, distance, cfg.get_path("seed") + 5)
-    if h.prototypes is None:      # no labels: the registered h gets the same clusters
+    if h.prototypes is None:      # no order head fitted: the registered h gets these
         h = copy.deepcopy(h)
         h.prototypes = h_base.prototypes
     items: HeldOut = _held_out(pdf.iloc[held].reset_index(drop=True), labels is not None)
