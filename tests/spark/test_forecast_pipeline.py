@@ -32,7 +32,10 @@ def chain(spark, tmp_path_factory):
     out["ingest"] = ingest_job(cfg)
     out["train"] = train_transformation_job(cfg)
     handler = _Capture()
-    logging.getLogger("fastfill_udfs").addHandler(handler)
+    logger = logging.getLogger("fastfill_udfs")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     try:
         out["rank"] = rank_job(cfg)                          # policy: auto (the default)
         out["rank_log"] = list(handler.lines)
@@ -41,7 +44,8 @@ def chain(spark, tmp_path_factory):
         out["stopped"] = backfill_job(cfg, stop="forecast", evaluate=True)
         out["finished"] = backfill_job(cfg, evaluate=True)
     finally:
-        logging.getLogger("fastfill_udfs").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return out
 
 
