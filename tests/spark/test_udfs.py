@@ -61,3 +61,42 @@ def test_rank_gallery_refuses_prototype_policy_without_prototypes():
     # refused before any Spark or table access: no session or config needed
     with pytest.raises(ValueError, match="policy 'prototype' needs class prototypes.*h-plain"):
         rank_gallery(None, None, h, new, "prototype", "run")
+
+
+def test_embed_images_fn_decodes_ahead_and_keeps_every_row():
+    """The embedding function, called directly (no Spark): decoding the next chunk while the
+    model runs gives the same rows as decoding the whole Arrow batch first; an undecodable
+    image gets a reason and a null embedding, its neighbours their embeddings."""
+    import io
+
+    from PIL import Image
+
+    from fastfill_udfs.demo.cnn import EmbeddingCNN
+    from fastfill_udfs.preprocess import Preprocess
+    from fastfill_udfs.spark.udfs import embed_images_fn
+
+    torch.manual_seed(0)
+    bc = SimpleNamespace(value=ModelPayload.from_model(EmbeddingCNN([4], 6, 3).eval()))
+    rng = np.random.default_rng(0)
+    images = []
+    for k in range(7):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (10 + k, 12), dtype=np.uint8)).save(buf, "PNG")
+        images.append(buf.getvalue())
+    images[3] = b"broken"
+    batch = pa.RecordBatch.from_pydict({"id": [f"i{k}" for k in range(7)],
+                                        "image": pa.array(images, pa.binary())})
+    pre = Preprocess(size=(8, 8), channels=1)
+    outs = {}
+    for prefetch in (False, True):
+        fn = embed_images_fn(bc, ["id"], pre, device="cpu", batch_size=2, prefetch=prefetch,
+                             decode_threads=2, torch_threads=-1)
+        outs[prefetch] = pa.Table.from_batches(list(fn(iter([batch])))).to_pydict()
+    for out in outs.values():
+        assert out["id"] == [f"i{k}" for k in range(7)]
+        assert out["embedding"][3] is None and "'i3'" in out["reason"][3]
+        assert all(out["reason"][k] is None and len(out["embedding"][k]) == 6
+                   for k in range(7) if k != 3)
+    np.testing.assert_allclose(
+        np.array([e for e in outs[True]["embedding"] if e is not None]),
+        np.array([e for e in outs[False]["embedding"] if e is not None]), rtol=1e-6, atol=1e-6)
