@@ -107,45 +107,35 @@ def normalize_input(images) -> np.ndarray:
     """
     if isinstance(images, torch.Tensor):
         if images.device.type != "cpu":
-            return _normalize_device_tensor(images.detach())
+            t = images.detach()
+            if _check_layout(t.dtype == torch.uint8, t.is_floating_point(), tuple(t.shape),
+                             t.dtype):
+                t = t[..., None]
+            return (t if t.dtype == torch.uint8 else t.float()).contiguous()
         images = images.detach().numpy()
     arr = np.asarray(images)
-    if arr.dtype == np.uint8:
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        elif arr.ndim != 4:
-            raise ValueError(
-                f"images: uint8 input must be [N, H, W] or [N, H, W, C], got shape {arr.shape}")
-    elif np.issubdtype(arr.dtype, np.floating):
-        if arr.ndim != 4:
-            raise ValueError(
-                f"images: floating input must be [N, C, H, W], got shape {arr.shape}")
+    if _check_layout(arr.dtype == np.uint8, np.issubdtype(arr.dtype, np.floating), arr.shape,
+                     arr.dtype):
+        arr = arr[..., None]
+    if arr.dtype != np.uint8:
         arr = arr.astype(np.float32, copy=False)
-    else:
-        raise ValueError(
-            f"images: dtype must be uint8 ([N,H,W] / [N,H,W,C]) or float32 ([N,C,H,W]), "
-            f"got {arr.dtype}")
     return np.ascontiguousarray(arr)
 
 
-def _normalize_device_tensor(t: torch.Tensor) -> torch.Tensor:
-    """`normalize_input` for a tensor that lives on an accelerator: same layouts, same errors."""
-    if t.dtype == torch.uint8:
-        if t.ndim == 3:
-            t = t[..., None]
-        elif t.ndim != 4:
+def _check_layout(is_uint8: bool, is_float: bool, shape: tuple, dtype) -> bool:
+    """Raise ValueError for a batch layout `normalize_input` does not take; True when a
+    grayscale uint8 [N, H, W] batch needs its channel axis added."""
+    if is_uint8:
+        if len(shape) not in (3, 4):
             raise ValueError(
-                f"images: uint8 input must be [N, H, W] or [N, H, W, C], got shape {tuple(t.shape)}")
-    elif t.is_floating_point():
-        if t.ndim != 4:
-            raise ValueError(
-                f"images: floating input must be [N, C, H, W], got shape {tuple(t.shape)}")
-        t = t.float()
-    else:
-        raise ValueError(
-            f"images: dtype must be uint8 ([N,H,W] / [N,H,W,C]) or float32 ([N,C,H,W]), "
-            f"got {t.dtype}")
-    return t.contiguous()
+                f"images: uint8 input must be [N, H, W] or [N, H, W, C], got shape {shape}")
+        return len(shape) == 3
+    if is_float:
+        if len(shape) != 4:
+            raise ValueError(f"images: floating input must be [N, C, H, W], got shape {shape}")
+        return False
+    raise ValueError(f"images: dtype must be uint8 ([N,H,W] / [N,H,W,C]) or float32 "
+                     f"([N,C,H,W]), got {dtype}")
 
 
 def imagenet_preprocess(size: Optional[Union[int, Sequence[int]]] = None,

@@ -29,7 +29,7 @@ from fastfill_udfs.preprocess import Preprocess
 from fastfill_udfs.spark.delta_io import read_table, table_paths, write_quarantine, write_table
 from fastfill_udfs.spark.images import attach_images
 from fastfill_udfs.spark.sources import conform, read_image_folder, read_source_table
-from fastfill_udfs.spark.udfs import broadcast_payload, embed_images_fn
+from fastfill_udfs.spark.udfs import broadcast_payload, embed_images_fn, spread_over_slots
 from fastfill_udfs.spark.validation import check_gallery, reconcile
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def embed_images(spark: SparkSession, df: DataFrame, model: ModelRef, cfg: Confi
                          device=cfg.get_path("backfill.device"),
                          batch_size=cfg.get_path("backfill.inference_batch_size"),
                          decode_device=cfg.get_path("backfill.decode_device"))
-    return df.mapInArrow(fn, schema)
+    return spread_over_slots(spark, df).mapInArrow(fn, schema)
 
 
 def with_image_bytes(spark: SparkSession, df: DataFrame, cfg: Config

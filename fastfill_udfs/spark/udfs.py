@@ -114,6 +114,52 @@ def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | Non
     return run
 
 
+def spread_over_slots(spark, df):
+    """`df` spread evenly over every task slot of the application when it is read in few
+    partitions (fewer than twice the slots): a small backfill batch's rows come from one or two
+    Parquet files, one partition holding nearly all of them, so one task (one core, or one
+    GPU) would embed them while the others idle. Plans with a shuffle are left as they are
+    (their partitions are the shuffle's, and counting them would run it)."""
+    sc = spark.sparkContext
+    slots = max(1, sc.defaultParallelism // max(1, int(sc.getConf().get("spark.task.cpus",
+                                                                           "1"))))
+    try:
+        if slots <= 1 or "Exchange" in df._jdf.queryExecution().sparkPlan().toString():
+            return df
+        if df.rdd.getNumPartitions() >= 2 * slots:  # a scan: counting splits runs no job
+            return df
+    except Exception:  # Spark Connect has no JVM plan to read: leave the partitions as they are
+        return df
+    return df.repartition(slots)
+
+
+def task_device(device: str) -> str:
+    """The device a task's model runs on: for "auto" / "cuda" in a task that Spark gave a GPU
+    (`spark.task.resource.gpu.amount`), that GPU (`cuda:<address>`), so the tasks of a
+    multi-GPU executor do not all share GPU 0; otherwise `device` unchanged."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if device not in ("auto", "cuda") or ctx is None:
+        return device
+    gpu = (ctx.resources() or {}).get("gpu")
+    addresses = list(getattr(gpu, "addresses", None) or [])
+    import torch
+
+    if not addresses or not torch.cuda.is_available():
+        return device
+    import os
+
+    address = str(addresses[0]).strip()
+    masked = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+              if v.strip()]
+    if address in masked:      # the cluster manager masked the devices: renumbered from 0
+        return f"cuda:{masked.index(address)}"
+    if address.isdigit() and int(address) < torch.cuda.device_count():
+        return f"cuda:{int(address)}"
+    return device
+
+
 def _task_cores() -> int:
     """The cores of the Spark task running this code (`spark.task.cpus`); outside a task, the
     cores this process may use."""
@@ -155,7 +201,8 @@ def embed_images_fn(payload_bc, keep: list[str], preprocess: Preprocess, *,
         from fastfill_udfs.preprocess import choose_decode_device
 
         t_load = time.perf_counter()
-        embedder = _worker_embedder(payload_bc.value, device, batch_size, preprocess)
+        embedder = _worker_embedder(payload_bc.value, task_device(device), batch_size,
+                                    preprocess)
         where = choose_decode_device(decode_device, embedder.device)
         cores = _task_cores()
         workers = decode_threads or cores
