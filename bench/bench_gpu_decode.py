@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
 
-    print(f"\n**{dev_name}**, {impl}, {args.precision}, batch {bs}, {n} JPEGs, median of "
+    print(f"\n**{dev_name}**, {impl}, {out['precision']}, batch {bs}, {n} JPEGs, median of "
           f"{repeats} rounds\n")
     print("| variant | img/s | / plain_decoded |")
     print("|---|---|---|")
