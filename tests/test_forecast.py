@@ -252,3 +252,20 @@ def test_auto_order_travels_in_h_and_scores_like_the_forecast(setup, forecast):
                                   random_scores_for_ids(ids, 5))
     with pytest.raises(ValueError, match="forecast"):
         auto_scores(h, oh, ids)
+
+
+def test_cost_lines_from_the_measured_rate():
+    from fastfill_udfs.spark.estimate import Rate, cost_lines, estimate_metrics
+
+    rate = Rate(items=256, seconds=12.8, device="cpu", parallelism=2)      # 20 items/s
+    stop = {"batch": 7, "fraction": 0.35, "items": 36000, "gain": 0.012, "metric": "mAP"}
+    lines = cost_lines(rate, 72000, stop=stop)
+    assert lines[0] == "items left to embed: 72000"
+    assert "20.0 items/s" in lines[1] and "2 task slots" in lines[1]
+    assert lines[2].startswith("the rest of the plan: 1h00m00s (2 core-hours)")
+    assert lines[3].startswith("to the recommended stop (batch 7, t=0.35): 36000 items, "
+                               "30m00s (1 core-hours); forecast gain +1.20 mAP points, +1.2 per")
+    m = estimate_metrics(rate, 72000, stop)
+    assert m["estimate_hours_rest"] == pytest.approx(1.0)
+    assert m["estimate_hours_to_stop"] == pytest.approx(0.5)
+    assert cost_lines(None, 5)[1].startswith("rate: not measured")

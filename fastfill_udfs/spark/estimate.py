@@ -75,28 +75,34 @@ def measure_rate(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
 
 def cost_lines(rate: Rate | None, items_left: int, *, stop: dict | None = None) -> list[str]:
     """The estimate as printed: items left, the measured rate, hours for the rest and for the
-    recommended stop, device-hours (GPUs: one device per task slot; CPUs: core-hours) and the
-    forecast's gain per device-hour. `stop`: {batch, fraction, items, gain, metric} or None."""
+    recommended stop, device-hours (one device per task slot: GPUs on a GPU cluster, cores on
+    CPUs; `fastfill_udfs.cost.backfill_cost`, as BENCHMARKS.md projects) and the forecast's
+    gain per device-hour. `stop`: {batch, fraction, items, gain, metric} or None."""
+    from fastfill_udfs.cost import backfill_cost
+
     lines = [f"items left to embed: {items_left}"]
     if rate is None or not rate.items_per_s > 0:
         return lines + ["rate: not measured (backfill.throughput_sample=0, or nothing planned)"]
-    per_s = rate.items_per_s
-    devices = rate.parallelism if rate.device == "cpu" else 1
+    devices = max(1, rate.parallelism)
+    per_device = rate.items_per_s / devices
     unit = "core-hours" if rate.device == "cpu" else "GPU-hours"
-    hours = items_left / per_s / 3600.0
-    lines += [f"measured rate: {per_s:.1f} items/s on this cluster ({rate.device}, "
-              f"{rate.parallelism} task slots; {rate.items} items in {rate.seconds:.1f} s, read + "
-              "decode + model)",
-              f"the rest of the plan: {format_seconds(hours * 3600)} ({hours * devices:.3g} "
-              f"{unit})"]
+
+    def cost(n):
+        c = backfill_cost(int(n), per_device, n_devices=devices)
+        return c, f"{format_seconds(c['wall_hours'] * 3600)} ({c['device_hours']:.3g} {unit})"
+    rest, text = cost(items_left)
+    lines += [f"measured rate: {rate.items_per_s:.1f} items/s on this cluster ({rate.device}, "
+              f"{devices} task slots; {rate.items} items in {rate.seconds:.1f} s: read + decode "
+              "+ model)",
+              f"the rest of the plan: {text}, embedding alone (each batch adds its MERGE and "
+              "log row)"]
     if stop:
-        h_stop = stop["items"] / per_s / 3600.0
+        c, text = cost(stop["items"])
         line = (f"to the recommended stop (batch {stop['batch']}, t={stop['fraction']:.2f}): "
-                f"{stop['items']} items, {format_seconds(h_stop * 3600)} "
-                f"({h_stop * devices:.3g} {unit})")
-        if stop.get("gain") is not None and h_stop > 0:
+                f"{stop['items']} items, {text}")
+        if stop.get("gain") is not None and c["device_hours"] > 0:
             line += (f"; forecast gain {stop['gain'] * 100:+.2f} {stop['metric']} points, "
-                     f"{stop['gain'] * 100 / (h_stop * devices):+.3g} per {unit[:-1]}")
+                     f"{stop['gain'] * 100 / c['device_hours']:+.3g} per {unit[:-1]}")
         lines.append(line)
     return lines
 
