@@ -74,7 +74,7 @@ def find_runs(cfg: Config, run_prefix: str | None = None,
 
 def delta_ranking(spark, log_table: str) -> str | None:
     """The ranking recorded in a run's backfill_log (when its batch 0 started, microseconds
-    since the epoch, as `evaluate.ranking_id`), or None when the table or batch 0 is gone."""
+    since the epoch, as `delta_io.ranking_id`), or None when the table or batch 0 is gone."""
     from pyspark.sql import functions as F
 
     from fastfill_udfs.spark.delta_io import is_delta_table, read_table
@@ -234,14 +234,14 @@ def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
     """Panels against the backfill fraction: top-1 per subgroup, then each subgroup's top-1 and
     (when logged) mAP shortfall against its own new/new level, with the 1-point line. One
     colour per run, solid for the minority, dashed for the others."""
-    from fastfill_udfs.reporting import _pyplot
+    from fastfill_udfs.reporting import pyplot, save_figure
 
     panels = [("top1_{}", 1, "top-1 per subgroup", "top-1 (queries of that subgroup)")]
     for metric in ("top1", "mAP"):
         if all(f"{metric}_shortfall_{g}" in long.columns for g in subgroups):
             panels.append((f"{metric}_shortfall_{{}}", 100, f"{metric} shortfall vs new/new",
                            f"{metric} shortfall against own new/new level (points)"))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (column, scale, title, ylabel) in zip(axes[0], panels):
@@ -256,7 +256,4 @@ def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
         ax.set(title=title, ylabel=ylabel, xlabel="backfill fraction t", xlim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

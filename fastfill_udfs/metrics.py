@@ -42,7 +42,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["retrieval_metrics", "ranked_metrics", "similarity_scores", "DISTANCES"]
+from fastfill_udfs.arrays import check_pos_int, check_topk, l2_normalise, to_numpy
+
+__all__ = ["retrieval_metrics", "ranked_metrics", "similarity_scores", "DISTANCES",
+           "unique_rows", "pack_sort"]
 
 DISTANCES = ("cosine", "l2")
 
@@ -53,24 +56,6 @@ _EXCLUDED = -np.inf
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_topk(topk) -> tuple:
-    try:
-        ks = tuple(topk)
-    except TypeError:
-        raise ValueError(f"topk must be a sequence of positive ints, got {topk!r}") from None
-    if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1
-                     for k in ks):
-        raise ValueError(f"topk must be a non-empty sequence of positive ints, got {topk!r}")
-    return tuple(int(k) for k in ks)
-
-
-def _check_block_size(block_size) -> int:
-    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) \
-            or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return int(block_size)
-
-
 def _check_distance(distance) -> str:
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
@@ -81,7 +66,7 @@ def _item_vector(x, n: int, name: str) -> np.ndarray | None:
     """A per-gallery-item float vector (scalar broadcast), finite; None stays None."""
     if x is None:
         return None
-    arr = _to_numpy(x).astype(np.float64)
+    arr = to_numpy(x).astype(np.float64)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
     if arr.shape != (n,):
@@ -92,21 +77,15 @@ def _item_vector(x, n: int, name: str) -> np.ndarray | None:
     return arr
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):                       # torch tensor (torch imported lazily)
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _as_1d(x, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     return arr
 
 
 def _as_2d_float(x, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (items x dim), got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -131,12 +110,7 @@ def _codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes[: len(a)].astype(np.int64), codes[len(a):].astype(np.int64)
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def _unique_rows(x: np.ndarray):
+def unique_rows(x: np.ndarray):
     """(unique rows, inverse index) of a 2-D array, or (x, None) when all rows are distinct."""
     if len(x) < 2:
         return x, None
@@ -221,7 +195,7 @@ def _sorted_stats(c: np.ndarray, m: np.ndarray, ignore: np.ndarray | None = None
     return ap_sum, n_seen, n_greater
 
 
-def _pack_sort(sims: np.ndarray, match: np.ndarray):
+def pack_sort(sims: np.ndarray, match: np.ndarray):
     """Sort each row of ``sims`` (C-contiguous float) ascending in place, carrying ``match``
     in the lowest mantissa bit.
 
@@ -243,7 +217,7 @@ def _score_operands(q: np.ndarray, g: np.ndarray, distance: str, scale, bias):
     per-query constant where there is no correction (one matmul scores a block)."""
     ones = np.ones((len(q), 1))
     if distance == "cosine":
-        qa, ga = _l2_normalise(q), _l2_normalise(g)
+        qa, ga = l2_normalise(q), l2_normalise(g)
         if scale is None and bias is None:
             return qa, ga
         if scale is not None:
@@ -283,8 +257,8 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     ``block_size``, ``dtype``, ``distance``, ``gallery_scale``/``gallery_bias``, or only one of
     the id arrays.
     """
-    ks = _check_topk(topk)
-    block_size = _check_block_size(block_size)
+    ks = check_topk(topk)
+    block_size = check_pos_int(block_size, "block_size")
     fdt = _float_dtype(dtype)
     distance = _check_distance(distance)
     if (query_ids is None) != (gallery_ids is None):
@@ -334,7 +308,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     buf = np.empty((min(step, nq), ng), dtype=fdt)   # reused: avoids page faults per block
     # BLAS does not promise bit-identical results for identical columns, so duplicated
     # gallery vectors are scored once and copied: identical items always tie exactly.
-    gu, inverse = _unique_rows(gn)
+    gu, inverse = unique_rows(gn)
     if device is not None:
         import torch
         tq = torch.from_numpy(qn).to(device)
@@ -375,7 +349,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
             continue
         if not keep.all():
             sims, match = sims[keep], match[keep]
-        c, m = _pack_sort(sims, match)
+        c, m = pack_sort(sims, match)
         ap_sum, n_seen, n_greater = _sorted_stats(c, m)
         aps.append(ap_sum / n_seen)
         greater.append(n_greater)
@@ -420,19 +394,19 @@ def ranked_metrics(sorted_scores, sorted_match, n_relevant, topk: Sequence[int] 
     ``topk``/``block_size``, a negative ``n_relevant`` or one smaller than the relevant items
     in the ranking.
     """
-    ks = _check_topk(topk)
-    block_size = _check_block_size(block_size)
-    s = _to_numpy(sorted_scores)
+    ks = check_topk(topk)
+    block_size = check_pos_int(block_size, "block_size")
+    s = to_numpy(sorted_scores)
     if s.ndim != 2:
         raise ValueError(f"sorted_scores must be 2-D (queries x k), got shape {s.shape}")
     if not np.issubdtype(s.dtype, np.floating):
         s = s.astype(np.float64)
-    m = _to_numpy(sorted_match).astype(bool)
+    m = to_numpy(sorted_match).astype(bool)
     if m.shape != s.shape:
         raise ValueError(f"sorted_match shape {m.shape} != sorted_scores shape {s.shape}")
     v = None
     if valid is not None:
-        v = _to_numpy(valid).astype(bool)
+        v = to_numpy(valid).astype(bool)
         if v.shape != s.shape:
             raise ValueError(f"valid shape {v.shape} != sorted_scores shape {s.shape}")
     nr = _as_1d(n_relevant, "n_relevant")

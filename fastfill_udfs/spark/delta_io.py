@@ -11,6 +11,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
+from fastfill_udfs.spark.arrow_utils import arrow_rows
 
 
 class TableNotFoundError(FileNotFoundError):
@@ -138,6 +139,28 @@ def latest_version(spark: SparkSession, path: str) -> int:
         raise TableNotFoundError(f"no Delta table at {path}")
     row = DeltaTable.forPath(spark, path).history(1).select("version").first()
     return int(row["version"])
+
+
+def read_features(spark: SparkSession, path: str, version: int,
+                  columns=("id", "embedding", "source", "model_version", "batch_id")):
+    """gallery_features at `version` (Delta time travel): (columns as pandas, embeddings)."""
+    df = read_table(spark, path, version=version).select(*columns)
+    return arrow_rows(df, f"gallery_features {path} at version {version}")
+
+
+def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
+    """Identifies one ranking of `run`: when its batch 0 was started (microseconds since the
+    epoch, whatever the session's time zone). A
+    re-ranked run (rank --force, or tables rebuilt from scratch) gets a new one, and with it a
+    new MLflow run. Raises ValueError when `run` has not been ranked."""
+    path = table_paths(cfg, run).backfill_log
+    row = (read_table(spark, path).where("batch_id = 0")
+           .select(F.unix_micros("started_at").alias("started_at")).first()
+           if is_delta_table(spark, path) else None)
+    if row is None:
+        raise ValueError(f"run {run!r} is not ranked (no batch 0 in {path}): run "
+                         f"pipelines/rank_gallery.py first")
+    return str(row["started_at"])
 
 
 QUARANTINE_SCHEMA = ("id string, stage string, run string, reason string, detected_at timestamp, "

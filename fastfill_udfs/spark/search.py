@@ -18,9 +18,9 @@ from fastfill_udfs.config import Config
 from fastfill_udfs.faiss_index import IndexSpec, VectorSpace
 from fastfill_udfs.search import (ServableIndex, check_query_model, embed_image_file,
                                   format_hits, parse_embedding)
-from fastfill_udfs.spark.delta_io import (TableNotFoundError, is_delta_table, read_table,
-                                          run_id_for, table_paths)
-from fastfill_udfs.spark.evaluate import _arrow_rows, ranking_id, read_features
+from fastfill_udfs.spark.arrow_utils import arrow_rows
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, is_delta_table, ranking_id,
+                                          read_features, read_table, run_id_for, table_paths)
 
 log = logging.getLogger(__name__)
 EXPORT_TARGETS = ("warehouse", "mlflow")
@@ -97,15 +97,15 @@ def query_for_id(spark: SparkSession, cfg: Config, run: str, served: ServableInd
     already `new`. Raises ValueError naming the item when it has no new-model embedding."""
     paths = table_paths(cfg, run)
     if is_delta_table(spark, paths.query_features):
-        rows, emb = _arrow_rows(read_table(spark, paths.query_features)
-                                .where(F.col("id") == item_id).select("id", "embedding"),
-                                f"query_features {paths.query_features}")
+        rows, emb = arrow_rows(read_table(spark, paths.query_features)
+                               .where(F.col("id") == item_id).select("id", "embedding"),
+                               f"query_features {paths.query_features}")
         if len(rows):
             return emb[0], f"item {item_id!r}: its new-model embedding from query_features"
     version = served.info["features_version"]
-    rows, emb = _arrow_rows(read_table(spark, paths.gallery_features, version=version)
-                            .where(F.col("id") == item_id).select("id", "source", "embedding"),
-                            f"gallery_features {paths.gallery_features}")
+    rows, emb = arrow_rows(read_table(spark, paths.gallery_features, version=version)
+                           .where(F.col("id") == item_id).select("id", "source", "embedding"),
+                           f"gallery_features {paths.gallery_features}")
     if not len(rows):
         raise ValueError(f"item {item_id!r} is in neither query_features "
                          f"({paths.query_features}) nor gallery_features of run '{run}'")
