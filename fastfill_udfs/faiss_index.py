@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from fastfill_udfs.arrays import check_pos_int, to_numpy
-from fastfill_udfs.metrics import DISTANCES  # evaluation.distance
+from fastfill_udfs.metrics import DISTANCES, check_distance  # evaluation.distance
 
 __all__ = ["VectorSpace", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS",
            "as_keys", "lookup", "first_few"]
@@ -143,9 +143,7 @@ class VectorSpace:
     """
 
     def __init__(self, distance: str = "cosine"):
-        if distance not in DISTANCES:
-            raise ValueError(f"evaluation.distance must be one of {DISTANCES}, got {distance!r}")
-        self.distance = distance
+        self.distance = check_distance(distance, "evaluation.distance")
         self.l2 = distance == "l2"
 
     @classmethod

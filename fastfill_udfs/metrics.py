@@ -45,7 +45,7 @@ import pandas as pd
 from fastfill_udfs.arrays import check_pos_int, check_topk, l2_normalise, to_numpy
 
 __all__ = ["retrieval_metrics", "ranked_metrics", "similarity_scores", "DISTANCES",
-           "unique_rows", "pack_sort"]
+           "check_distance", "unique_rows", "pack_sort"]
 
 DISTANCES = ("cosine", "l2")
 
@@ -56,9 +56,10 @@ _EXCLUDED = -np.inf
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_distance(distance) -> str:
+def check_distance(distance, name: str = "distance") -> str:
+    """`distance` when it is one of DISTANCES, else ValueError naming `name`."""
     if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        raise ValueError(f"{name} must be one of {DISTANCES}, got {distance!r}")
     return distance
 
 
@@ -77,10 +78,13 @@ def _item_vector(x, n: int, name: str) -> np.ndarray | None:
     return arr
 
 
-def _as_1d(x, name: str) -> np.ndarray:
+def _as_1d(x, name: str, rows: int | None = None, of: str = "") -> np.ndarray:
+    """`x` as a 1-D array; with `rows`, one entry per row of the array named `of`."""
     arr = to_numpy(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if rows is not None and len(arr) != rows:
+        raise ValueError(f"{name} has {len(arr)} entries, {of} has {rows} rows")
     return arr
 
 
@@ -260,7 +264,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     ks = check_topk(topk)
     block_size = check_pos_int(block_size, "block_size")
     fdt = _float_dtype(dtype)
-    distance = _check_distance(distance)
+    distance = check_distance(distance)
     if (query_ids is None) != (gallery_ids is None):
         raise ValueError("query_ids and gallery_ids must be given together (leave-one-out) or not at all")
     if device is None and hasattr(query_emb, "device") and str(query_emb.device) != "cpu":
@@ -270,24 +274,16 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query_emb dim {q.shape[1]} != gallery_emb dim {g.shape[1]}")
     nq, ng = q.shape[0], g.shape[0]
-    ql = _as_1d(query_labels, "query_labels")
-    gl = _as_1d(gallery_labels, "gallery_labels")
-    if len(ql) != nq:
-        raise ValueError(f"query_labels has {len(ql)} entries, query_emb has {nq} rows")
-    if len(gl) != ng:
-        raise ValueError(f"gallery_labels has {len(gl)} entries, gallery_emb has {ng} rows")
+    ql = _as_1d(query_labels, "query_labels", nq, "query_emb")
+    gl = _as_1d(gallery_labels, "gallery_labels", ng, "gallery_emb")
     qlab, glab = _codes(ql, gl)
     glab[glab < 0] = -2                            # a missing gallery label matches nothing
 
     # leave-one-out: gallery position to exclude per query (-1: none), or a full id compare
     excl_pos = excl_q = excl_g = None
     if query_ids is not None:
-        qi = _as_1d(query_ids, "query_ids")
-        gi = _as_1d(gallery_ids, "gallery_ids")
-        if len(qi) != nq:
-            raise ValueError(f"query_ids has {len(qi)} entries, query_emb has {nq} rows")
-        if len(gi) != ng:
-            raise ValueError(f"gallery_ids has {len(gi)} entries, gallery_emb has {ng} rows")
+        qi = _as_1d(query_ids, "query_ids", nq, "query_emb")
+        gi = _as_1d(gallery_ids, "gallery_ids", ng, "gallery_emb")
         qic, gic = _codes(qi, gi)
         valid_g = gic[gic >= 0]
         if len(np.unique(valid_g)) == len(valid_g):
@@ -364,7 +360,7 @@ def similarity_scores(query_emb, gallery_emb, *, distance: str = "cosine", galle
     cosine or ``-||q - g||^2`` (``distance``), then ``gallery_scale[j] * score + gallery_bias[j]``
     when given. Dense: for blocks of queries (analysis, calibration fits, tests).
     Raises ValueError on bad shapes, non-finite values or a bad ``distance``."""
-    distance = _check_distance(distance)
+    distance = check_distance(distance)
     q = _as_2d_float(query_emb, "query_emb")
     g = _as_2d_float(gallery_emb, "gallery_emb")
     if q.shape[1] != g.shape[1]:
@@ -409,9 +405,7 @@ def ranked_metrics(sorted_scores, sorted_match, n_relevant, topk: Sequence[int] 
         v = to_numpy(valid).astype(bool)
         if v.shape != s.shape:
             raise ValueError(f"valid shape {v.shape} != sorted_scores shape {s.shape}")
-    nr = _as_1d(n_relevant, "n_relevant")
-    if len(nr) != s.shape[0]:
-        raise ValueError(f"n_relevant has {len(nr)} entries, sorted_scores has {s.shape[0]} rows")
+    nr = _as_1d(n_relevant, "n_relevant", s.shape[0], "sorted_scores")
     if not np.issubdtype(nr.dtype, np.integer):
         if not (np.issubdtype(nr.dtype, np.floating) and np.all(nr == np.round(nr))):
             raise ValueError("n_relevant must hold integers")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastfill_udfs.calibration import fit_calibration
-from fastfill_udfs.metrics import DISTANCES
+from fastfill_udfs.metrics import check_distance
 from fastfill_udfs.models import Transformation
 from fastfill_udfs.policies import fit_prototypes, prototype_margin
 from fastfill_udfs.reachability import item_map_benefit, item_top1_benefit
@@ -112,8 +112,7 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
         raise ValueError(f"order_head must be one of {ORDER_HEADS}, got {order_head!r}")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    check_distance(distance)
     if not (np.isfinite(top1_weight) and top1_weight >= 0):
         raise ValueError(f"top1_weight (transformation.order_top1_weight) must be a finite "
                          f"number >= 0, got {top1_weight!r}")

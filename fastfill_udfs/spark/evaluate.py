@@ -30,12 +30,12 @@ from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, VectorSpac
 from fastfill_udfs.index_eval import evaluate_index
 from fastfill_udfs.simulate import curve_auc
 from fastfill_udfs.spark.arrow_utils import arrow_rows
-from fastfill_udfs.spark.delta_io import ranking_id, read_features, read_table, table_paths
+from fastfill_udfs.spark.delta_io import (ranking_id, read_features, read_table, read_text_file,
+                                          table_paths)
 from fastfill_udfs.spark.validation import ReconciliationError
 
 log = logging.getLogger(__name__)
 CURVE_METRICS = ("mAP", "top1", "top5")
-SOURCES = ("new", "transformed")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -43,16 +43,9 @@ def _commit_actions(spark: SparkSession, path: str, version: int) -> list[dict] 
     """The actions of commit `version` of the Delta table at `path` (its `_delta_log` JSON
     file, read through Hadoop's FileSystem so any store Spark reads works), or None when the
     file is not there (e.g. a table whose commits are managed elsewhere)."""
-    jvm = spark.sparkContext._jvm
-    log_file = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
-    fs = log_file.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(log_file):
+    text = read_text_file(spark, f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
+    if text is None:
         return None
-    stream = fs.open(log_file)
-    try:
-        text = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-    finally:
-        stream.close()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

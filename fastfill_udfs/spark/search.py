@@ -19,8 +19,9 @@ from fastfill_udfs.faiss_index import IndexSpec, VectorSpace
 from fastfill_udfs.search import (ServableIndex, check_query_model, embed_image_file,
                                   format_hits, parse_embedding)
 from fastfill_udfs.spark.arrow_utils import arrow_rows
-from fastfill_udfs.spark.delta_io import (TableNotFoundError, is_delta_table, ranking_id,
-                                          read_features, read_table, run_id_for, table_paths)
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, hadoop_fs, hadoop_path,
+                                          is_delta_table, ranking_id, read_features, read_table,
+                                          run_id_for, table_paths)
 
 log = logging.getLogger(__name__)
 EXPORT_TARGETS = ("warehouse", "mlflow")
@@ -165,12 +166,9 @@ def export_servable(spark: SparkSession, cfg: Config, run: str, served: Servable
             shutil.rmtree(path, ignore_errors=True)  # same batch and version: same content
             staging.rename(path)
         else:
-            jvm = spark.sparkContext._jvm
-            target_path = jvm.org.apache.hadoop.fs.Path(dest)
-            fs = target_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+            fs, target_path = hadoop_fs(spark, dest)
             fs.delete(target_path, True)
-            fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(str(local)),
-                                 target_path)
+            fs.copyFromLocalFile(False, True, hadoop_path(spark, local), target_path)
         return dest
 
 
@@ -194,10 +192,8 @@ def load_servable(spark: SparkSession | None, cfg: Config, source: str, *, run: 
             if spark is None:
                 raise ValueError(f"{source} is not a local folder: copy it locally first, or "
                                  "load it with a SparkSession")
-            jvm = spark.sparkContext._jvm
-            src = jvm.org.apache.hadoop.fs.Path(source)
-            fs = src.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-            fs.copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path(tmp + "/index"), True)
+            fs, src = hadoop_fs(spark, source)
+            fs.copyToLocalFile(False, src, hadoop_path(spark, tmp + "/index"), True)
             folder = tmp + "/index"
         return ServableIndex.load(folder, run=run, batch_id=batch_id,
                                   features_version=features_version)
