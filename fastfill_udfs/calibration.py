@@ -32,10 +32,11 @@ import numpy as np
 from fastfill_udfs.arrays import l2_normalise, to_numpy
 from fastfill_udfs.metrics import check_distance, similarity_scores
 
-__all__ = ["CALIBRATION_VERSION", "identity_calibration", "fit_calibration", "check_calibration",
+__all__ = ["CALIBRATIONS", "CALIBRATION_VERSION", "identity_calibration", "fit_calibration", "check_calibration",
            "item_correction", "calibrated_scores", "augment_queries", "augment_gallery",
            "augmented_dim"]
 
+CALIBRATIONS = ("none", "affine", "affine_sigma")  # transformation.calibration (order_fitting)
 CALIBRATION_VERSION = 1
 _KEYS = ("version", "distance", "scale", "bias", "sigma_weight")
 

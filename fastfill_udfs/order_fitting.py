@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastfill_udfs.calibration import fit_calibration
+from fastfill_udfs.calibration import CALIBRATIONS, fit_calibration
+from fastfill_udfs.config import ORDER_HEADS
 from fastfill_udfs.metrics import check_distance
 from fastfill_udfs.models import Transformation
 from fastfill_udfs.policies import fit_prototypes, prototype_margin
@@ -36,8 +37,6 @@ __all__ = ["ORDER_HEADS", "CALIBRATIONS", "realised_benefit", "fit_h_extras", "f
            "holdout_split"]
 BLEND_VERSION = 1
 
-ORDER_HEADS = ("sigma", "benefit")
-CALIBRATIONS = ("none", "affine", "affine_sigma")
 
 
 def holdout_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastfill_udfs.config import OBJECTIVES
 from fastfill_udfs.losses import alignment_loss, fastfill_loss, fct_loss, l2_per_item
 from fastfill_udfs.models import Transformation, make_uncertainty_head, sigma_from_s
 from fastfill_udfs.progress import Progress
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("fastfill", "fct")
 
 
 @dataclass

@@ -8,11 +8,12 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.policies import POLICIES
 from fastfill_udfs.spark.jobs import backfill_job
 
 if __name__ == "__main__":
     parser = job_parser(__doc__)
-    parser.add_argument("--policy", choices=["uncertainty", "random"],
+    parser.add_argument("--policy", choices=POLICIES,
                         help="which run to backfill (default: backfill.policy)")
     parser.add_argument("--max-batches", type=int, default=None,
                         help="stop after N batches (a compute budget); a later run continues")

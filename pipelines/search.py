@@ -15,11 +15,13 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.config import EXPORT_TARGETS
+from fastfill_udfs.policies import POLICIES
 
 
 def main(argv=None) -> int:
     parser = job_parser(__doc__)
-    parser.add_argument("--policy", choices=["uncertainty", "random"],
+    parser.add_argument("--policy", choices=POLICIES,
                         help="which run to search (default: backfill.policy)")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="an image file, embedded by the run's new model")
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--index", default=None,
                         help="a saved servable index (folder, warehouse URI or MLflow runs:/ "
                              "URI) instead of building it from Delta")
-    parser.add_argument("--export", choices=["warehouse", "mlflow"], default=None,
+    parser.add_argument("--export", choices=EXPORT_TARGETS, default=None,
                         help="also write the index built from Delta")
 
     def job(cfg, args):

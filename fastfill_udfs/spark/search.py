@@ -14,7 +14,7 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from fastfill_udfs.config import Config
+from fastfill_udfs.config import EXPORT_TARGETS, Config
 from fastfill_udfs.faiss_index import IndexSpec, VectorSpace
 from fastfill_udfs.search import (ServableIndex, check_query_model, embed_image_file,
                                   format_hits, parse_embedding)
@@ -24,7 +24,6 @@ from fastfill_udfs.spark.delta_io import (TableNotFoundError, hadoop_fs, hadoop_
                                           run_id_for, table_paths)
 
 log = logging.getLogger(__name__)
-EXPORT_TARGETS = ("warehouse", "mlflow")
 ARTIFACT_DIR = "servable_index"
 
 

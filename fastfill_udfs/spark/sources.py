@@ -13,10 +13,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from fastfill_udfs.config import TABLE_FORMATS
 from fastfill_udfs.spark.delta_io import TableNotFoundError, hadoop_fs, is_delta_table
 
 CONTRACT_COLUMNS = ("id", "label", "subgroup", "image", "image_uri", "old_embedding")
-TABLE_FORMATS = ("auto", "delta", "parquet")
 
 
 def read_source_table(spark: SparkSession, path: str, fmt: str = "auto",
