@@ -3,7 +3,7 @@ latest or any earlier committed batch: prints the top-k ids, scores, labels and,
 whether it is `new` or `transformed` and the model version that made its vector.
 
     spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --policy uncertainty --image img.png
-    spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --id t10k_00042 --batch 3
+    spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --id test-000042 --batch 3
     python pipelines/search.py --config conf/fashion_mnist.yaml --embedding q.npy --k 5
     python pipelines/search.py ... --export warehouse            # also save the servable index
     python pipelines/search.py ... --index DIR_OR_runs:/URI --batch 3 --image img.png   # no Spark
