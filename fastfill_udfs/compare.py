@@ -72,25 +72,11 @@ def find_runs(cfg: Config, run_prefix: str | None = None,
     return runs.drop_duplicates("run", keep="last").reset_index(drop=True)
 
 
-def delta_ranking(spark, log_table: str) -> str | None:
-    """The ranking recorded in a run's backfill_log (when its batch 0 started, microseconds
-    since the epoch, as `evaluate.ranking_id`), or None when the table or batch 0 is gone."""
-    from pyspark.sql import functions as F
-
-    from fastfill_udfs.spark.delta_io import is_delta_table, read_table
-
-    if not is_delta_table(spark, log_table):
-        return None
-    row = (read_table(spark, log_table).where("batch_id = 0")
-           .select(F.unix_micros("started_at").alias("started_at")).first())
-    return None if row is None else str(row["started_at"])
-
-
 def current_runs(runs: pd.DataFrame, cfg: Config, spark=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split MLflow backfill runs into (current, left_out): a run is current when its ranking
     (tag fastfill.ranking) is the one its Delta backfill_log holds now (param log_table, else
     the configured warehouse's). left_out has run, mlflow_run_id and reason."""
-    from fastfill_udfs.spark.delta_io import table_paths
+    from fastfill_udfs.spark.delta_io import logged_ranking, table_paths
     from fastfill_udfs.spark.session import get_spark
 
     if runs.empty:
@@ -101,7 +87,7 @@ def current_runs(runs: pd.DataFrame, cfg: Config, spark=None) -> tuple[pd.DataFr
         path = r.log_table if isinstance(r.log_table, str) and r.log_table else \
             table_paths(cfg, r.run).backfill_log
         if path not in rankings:
-            rankings[path] = delta_ranking(spark, path)
+            rankings[path] = logged_ranking(spark, path)
         now = rankings[path]
         if now is None:
             left.append((r.run, r.mlflow_run_id, f"its tables are gone (no ranked backfill_log "
@@ -234,14 +220,14 @@ def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
     """Panels against the backfill fraction: top-1 per subgroup, then each subgroup's top-1 and
     (when logged) mAP shortfall against its own new/new level, with the 1-point line. One
     colour per run, solid for the minority, dashed for the others."""
-    from fastfill_udfs.reporting import _pyplot
+    from fastfill_udfs.reporting import pyplot, save_figure
 
     panels = [("top1_{}", 1, "top-1 per subgroup", "top-1 (queries of that subgroup)")]
     for metric in ("top1", "mAP"):
         if all(f"{metric}_shortfall_{g}" in long.columns for g in subgroups):
             panels.append((f"{metric}_shortfall_{{}}", 100, f"{metric} shortfall vs new/new",
                            f"{metric} shortfall against own new/new level (points)"))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (column, scale, title, ylabel) in zip(axes[0], panels):
@@ -256,7 +242,4 @@ def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
         ax.set(title=title, ylabel=ylabel, xlabel="backfill fraction t", xlim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

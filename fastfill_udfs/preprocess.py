@@ -228,11 +228,9 @@ class Preprocess:
         mean, std = self.mean, self.std
 
         def normalize(x):
-            import torch
+            from fastfill_udfs.inference import normalize_channels
 
-            m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            return (x - m) / s
+            return normalize_channels(x, mean, std)
         return normalize
 
     def as_dict(self) -> dict:

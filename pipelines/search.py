@@ -3,7 +3,7 @@ latest or any earlier committed batch: prints the top-k ids, scores, labels and,
 whether it is `new` or `transformed` and the model version that made its vector.
 
     spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --policy uncertainty --image img.png
-    spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --id t10k_00042 --batch 3
+    spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --id test-000042 --batch 3
     python pipelines/search.py --config conf/fashion_mnist.yaml --embedding q.npy --k 5
     python pipelines/search.py ... --export warehouse            # also save the servable index
     python pipelines/search.py ... --index DIR_OR_runs:/URI --batch 3 --image img.png   # no Spark
@@ -15,6 +15,7 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.config import EXPORT_TARGETS
 from fastfill_udfs.policies import RUN_POLICIES
 
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--index", default=None,
                         help="a saved servable index (folder, warehouse URI or MLflow runs:/ "
                              "URI) instead of building it from Delta")
-    parser.add_argument("--export", choices=["warehouse", "mlflow"], default=None,
+    parser.add_argument("--export", choices=EXPORT_TARGETS, default=None,
                         help="also write the index built from Delta")
 
     def job(cfg, args):

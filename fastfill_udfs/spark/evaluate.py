@@ -22,64 +22,30 @@ from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
 from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, space_for
 from fastfill_udfs.index_eval import evaluate_index
 from fastfill_udfs.simulate import curve_auc
-from fastfill_udfs.spark.arrow_utils import embedding_matrix
-from fastfill_udfs.spark.delta_io import is_delta_table, read_table, table_paths
+from fastfill_udfs.spark.arrow_utils import arrow_rows
+from fastfill_udfs.spark.delta_io import (ranking_id, read_features, read_table, read_text_file,
+                                          table_paths)
 from fastfill_udfs.spark.validation import ReconciliationError
 
 log = logging.getLogger(__name__)
 CURVE_METRICS = ("mAP", "top1", "top5")
-SOURCES = ("new", "transformed")
 
 
 # ----------------------------------------------------------------------------- reading
-def _arrow_rows(df: DataFrame, what: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """(the non-embedding columns as pandas, the embeddings as float32 rows) of `df`, through
-    Arrow (no Python list per row). Raises ValueError naming ids with a null, wrong-size or
-    NaN embedding."""
-    table = df.toArrow()
-    others = table.drop_columns(["embedding"]).to_pandas()
-    if not len(table):
-        return others, np.zeros((0, 0), np.float32)
-    column = table.column("embedding").combine_chunks()
-    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
-    dim = int(np.bincount(np.nan_to_num(lengths, nan=0).astype(np.int64)).argmax())
-    matrix, reasons = embedding_matrix(column, dim)
-    bad = reasons != None  # noqa: E711
-    if bad.any():
-        ids = others["id"].to_numpy(dtype=object)[bad][:5].tolist()
-        raise ValueError(f"{what}: {int(bad.sum())} rows cannot be indexed, e.g. ids {ids}: "
-                         f"{reasons[bad][0]}")
-    return others, matrix
-
-
-def read_features(spark: SparkSession, path: str, version: int,
-                  columns=("id", "embedding", "source", "model_version", "batch_id")):
-    """gallery_features at `version` (Delta time travel): (columns as pandas, embeddings)."""
-    df = read_table(spark, path, version=version).select(*columns)
-    return _arrow_rows(df, f"gallery_features {path} at version {version}")
-
-
 def _commit_actions(spark: SparkSession, path: str, version: int) -> list[dict] | None:
     """The actions of commit `version` of the Delta table at `path` (its `_delta_log` JSON
     file, read through Hadoop's FileSystem so any store Spark reads works), or None when the
     file is not there (e.g. a table whose commits are managed elsewhere)."""
-    jvm = spark.sparkContext._jvm
-    log_file = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
-    fs = log_file.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(log_file):
+    text = read_text_file(spark, f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
+    if text is None:
         return None
-    stream = fs.open(log_file)
-    try:
-        text = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-    finally:
-        stream.close()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -129,14 +95,14 @@ def read_batch_rows(spark: SparkSession, path: str, version: int, batch_id: int)
               .parquet(*files) if files else None)
         if df is None:
             return pd.DataFrame({"id": [], "model_version": []}), np.zeros((0, 0), np.float32)
-        return _arrow_rows(df.where(F.col("batch_id") == batch_id)
-                           .select("id", "embedding", "model_version"), what)
+        return arrow_rows(df.where(F.col("batch_id") == batch_id)
+                          .select("id", "embedding", "model_version"), what)
     log.info("evaluate: batch %d's rows read through Delta time travel (its commit %d is not a "
              "plain tagged MERGE)", batch_id, version)
     df = (read_table(spark, path, version=version)
           .where((F.col("planned_batch_id") == batch_id) & (F.col("batch_id") == batch_id))
           .select("id", "embedding", "model_version"))
-    return _arrow_rows(df, what)
+    return arrow_rows(df, what)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -145,9 +111,9 @@ class QuerySet:
 
     def __init__(self, spark: SparkSession, cfg: Config):
         path = table_paths(cfg).query_features
-        others, emb = _arrow_rows(read_table(spark, path).select("id", "label", "subgroup",
-                                                                   "embedding"),
-                                  f"query_features table {path}")
+        others, emb = arrow_rows(read_table(spark, path).select("id", "label", "subgroup",
+                                                                  "embedding"),
+                                 f"query_features table {path}")
         if others.empty:
             raise ValueError(f"query_features table {path} is empty")
         order = np.argsort(others["id"].to_numpy(dtype=str), kind="stable")
@@ -299,14 +265,14 @@ class RunEvaluator:
     def servable(self, info: dict | None = None):
         """The run's servable index at the indexed step: these shards with the item catalog
         (id, label, source, model version, batch) and what they reflect."""
-        from fastfill_udfs.search import ServableIndex, _labels
+        from fastfill_udfs.search import ServableIndex, nullable_labels
 
         if self.index is None:
             raise ValueError(f"run '{self.run}': no step evaluated yet, nothing to serve")
         keys = self.index.keys()
         items = pd.DataFrame({
             "id": self.gallery["id"].to_numpy(dtype=object)[keys],
-            "label": _labels(self.gallery["label"].to_numpy(dtype=object)[keys]),
+            "label": nullable_labels(self.gallery["label"].to_numpy(dtype=object)[keys]),
             "source": self.source[keys], "model_version": self.model_version[keys],
             "batch_id": pd.array(np.where(self.batch_of[keys] >= 0, self.batch_of[keys], None),
                                  dtype="Int64")}, index=pd.Index(keys, name="key"))
@@ -371,21 +337,6 @@ def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:
     pdf = pdf.sort_values("batch_id").reset_index(drop=True)
     pdf["n_backfilled"] = pdf["n_items"].cumsum()  # batch 0: items already new (h's pairs)
     return pdf
-
-
-def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
-    """Identifies one ranking of `run`: when its batch 0 was started (microseconds since the
-    epoch, whatever the session's time zone). A
-    re-ranked run (rank --force, or tables rebuilt from scratch) gets a new one, and with it a
-    new MLflow run. Raises ValueError when `run` has not been ranked."""
-    path = table_paths(cfg, run).backfill_log
-    row = (read_table(spark, path).where("batch_id = 0")
-           .select(F.unix_micros("started_at").alias("started_at")).first()
-           if is_delta_table(spark, path) else None)
-    if row is None:
-        raise ValueError(f"run {run!r} is not ranked (no batch 0 in {path}): run "
-                         f"pipelines/rank_gallery.py first")
-    return str(row["started_at"])
 
 
 def run_curve_auc(fractions, values) -> float:

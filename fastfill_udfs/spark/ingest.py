@@ -23,7 +23,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from fastfill_udfs.config import Config
+from fastfill_udfs.config import DATASETS, QUERY_SOURCES, Config
 from fastfill_udfs.model_loading import ModelRef
 from fastfill_udfs.preprocess import Preprocess
 from fastfill_udfs.spark.delta_io import read_table, table_paths, write_quarantine, write_table
@@ -33,8 +33,6 @@ from fastfill_udfs.spark.udfs import broadcast_payload, embed_images_fn, spread_
 from fastfill_udfs.spark.validation import check_gallery, reconcile
 
 log = logging.getLogger(__name__)
-DATASETS = ("gallery_table", "image_folder", "image_table", "fashion_mnist")
-QUERY_SOURCES = ("gallery", "table", "image_folder")
 URI_CHUNK = 50_000  # image URIs named per binaryFile read when a whole source is embedded
 
 

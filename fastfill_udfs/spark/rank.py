@@ -81,8 +81,6 @@ def assign_ranks(scored: DataFrame, storage: StorageLevel = StorageLevel.DISK_ON
 
 
 RANKED_ON = "ranked_on_gallery_version"  # key of the batch-0 commit's metadata
-FEATURES_COLUMNS = ("id", "embedding", "source", "batch_id", "updated_at", "model_version",
-                    "planned_batch_id")
 
 
 class StaleRankingError(ValueError):

@@ -14,16 +14,16 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from fastfill_udfs.config import Config
+from fastfill_udfs.config import EXPORT_TARGETS, Config
 from fastfill_udfs.faiss_index import IndexSpec, space_for
 from fastfill_udfs.search import (ServableIndex, check_query_model, embed_image_file,
                                   format_hits, parse_embedding)
-from fastfill_udfs.spark.delta_io import (TableNotFoundError, is_delta_table, read_table,
+from fastfill_udfs.spark.arrow_utils import arrow_rows
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, hadoop_fs, hadoop_path,
+                                          is_delta_table, ranking_id, read_features, read_table,
                                           run_id_for, table_paths)
-from fastfill_udfs.spark.evaluate import _arrow_rows, ranking_id, read_features
 
 log = logging.getLogger(__name__)
-EXPORT_TARGETS = ("warehouse", "mlflow")
 ARTIFACT_DIR = "servable_index"
 
 
@@ -99,15 +99,15 @@ def query_for_id(spark: SparkSession, cfg: Config, run: str, served: ServableInd
     already `new`. Raises ValueError naming the item when it has no new-model embedding."""
     paths = table_paths(cfg, run)
     if is_delta_table(spark, paths.query_features):
-        rows, emb = _arrow_rows(read_table(spark, paths.query_features)
-                                .where(F.col("id") == item_id).select("id", "embedding"),
-                                f"query_features {paths.query_features}")
+        rows, emb = arrow_rows(read_table(spark, paths.query_features)
+                               .where(F.col("id") == item_id).select("id", "embedding"),
+                               f"query_features {paths.query_features}")
         if len(rows):
             return emb[0], f"item {item_id!r}: its new-model embedding from query_features"
     version = served.info["features_version"]
-    rows, emb = _arrow_rows(read_table(spark, paths.gallery_features, version=version)
-                            .where(F.col("id") == item_id).select("id", "source", "embedding"),
-                            f"gallery_features {paths.gallery_features}")
+    rows, emb = arrow_rows(read_table(spark, paths.gallery_features, version=version)
+                           .where(F.col("id") == item_id).select("id", "source", "embedding"),
+                           f"gallery_features {paths.gallery_features}")
     if not len(rows):
         raise ValueError(f"item {item_id!r} is in neither query_features "
                          f"({paths.query_features}) nor gallery_features of run '{run}'")
@@ -167,12 +167,9 @@ def export_servable(spark: SparkSession, cfg: Config, run: str, served: Servable
             shutil.rmtree(path, ignore_errors=True)  # same batch and version: same content
             staging.rename(path)
         else:
-            jvm = spark.sparkContext._jvm
-            target_path = jvm.org.apache.hadoop.fs.Path(dest)
-            fs = target_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+            fs, target_path = hadoop_fs(spark, dest)
             fs.delete(target_path, True)
-            fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(str(local)),
-                                 target_path)
+            fs.copyFromLocalFile(False, True, hadoop_path(spark, local), target_path)
         return dest
 
 
@@ -196,10 +193,8 @@ def load_servable(spark: SparkSession | None, cfg: Config, source: str, *, run: 
             if spark is None:
                 raise ValueError(f"{source} is not a local folder: copy it locally first, or "
                                  "load it with a SparkSession")
-            jvm = spark.sparkContext._jvm
-            src = jvm.org.apache.hadoop.fs.Path(source)
-            fs = src.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-            fs.copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path(tmp + "/index"), True)
+            fs, src = hadoop_fs(spark, source)
+            fs.copyToLocalFile(False, src, hadoop_path(spark, tmp + "/index"), True)
             folder = tmp + "/index"
         return ServableIndex.load(folder, run=run, batch_id=batch_id,
                                   features_version=features_version)

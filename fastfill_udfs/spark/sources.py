@@ -13,10 +13,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from fastfill_udfs.spark.delta_io import TableNotFoundError, is_delta_table
+from fastfill_udfs.config import TABLE_FORMATS
+from fastfill_udfs.spark.delta_io import TableNotFoundError, hadoop_fs, is_delta_table
 
 CONTRACT_COLUMNS = ("id", "label", "subgroup", "image", "image_uri", "old_embedding")
-TABLE_FORMATS = ("auto", "delta", "parquet")
 
 
 def read_source_table(spark: SparkSession, path: str, fmt: str = "auto",
@@ -115,9 +115,7 @@ def conform(df: DataFrame, columns: Mapping[str, str], where: str, *,
 
 def hadoop_qualified(spark: SparkSession, path: str) -> str:
     """`path` fully qualified by its Hadoop file system (`/x` -> `file:/x` on a local FS)."""
-    jvm = spark.sparkContext._jvm
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    fs = p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    fs, p = hadoop_fs(spark, path)
     return str(fs.makeQualified(p).toString())
 
 
