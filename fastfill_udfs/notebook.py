@@ -43,6 +43,7 @@ CONFIG_WIDGETS = {
     "max_batches": "backfill.max_batches",
     "evaluate": "backfill.evaluate",
     "device": "backfill.device",
+    "sync_mode": "sync.mode",
     "spark_log_level": "spark.log_level",
 }
 # widget name -> (its default, the pipelines/ script and flag it stands for)

@@ -142,7 +142,7 @@ def latest_version(spark: SparkSession, path: str) -> int:
 
 QUARANTINE_SCHEMA = ("id string, stage string, run string, reason string, detected_at timestamp, "
                      "batch_id int")
-QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill")
+QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill", "sync")
 
 
 def _quarantine_condition(stage: str, run: str | None, batch_id: int | None) -> str:

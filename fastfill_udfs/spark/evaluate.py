@@ -172,7 +172,9 @@ class RunEvaluator:
         self.spark, self.cfg, self.run = spark, cfg, run
         self.paths = table_paths(cfg, run)
         self.queries = queries or QuerySet(spark, cfg)
-        gallery = read_table(spark, self.paths.gallery).select("id", "label", "subgroup").toPandas()
+        self.history, self.catalog_version = synced_history(spark, cfg, run)
+        gallery = (read_table(spark, self.paths.gallery, version=self.catalog_version)
+                   .select("id", "label", "subgroup").toPandas())
         gallery = gallery.sort_values("id", kind="stable").reset_index(drop=True)
         self.key_of = pd.Series(np.arange(len(gallery), dtype=np.int64), index=gallery["id"])
         self.gallery = gallery
@@ -227,10 +229,45 @@ class RunEvaluator:
         index.build(self.query_keys[in_gallery], q.embeddings[in_gallery])
         return {f"new_new_{k}": v for k, v in self._summaries(self._evaluate(index)).items()}
 
+    def _follow_gallery(self, version: int) -> None:
+        """Bring the item catalog to the gallery version the run reflects at features
+        `version`: items a sync added get keys, labels follow the gallery; the keys of items
+        deleted since stay (unindexed), so earlier steps still resolve."""
+        if self.history is None:
+            return
+        g = self.history.gallery_version(version)
+        if g == self.catalog_version:
+            return
+        now = (read_table(self.spark, self.paths.gallery, version=g)
+               .select("id", "label", "subgroup").toPandas())
+        now["label"] = now["label"].astype(object)
+        known = now["id"].isin(self.key_of.index).to_numpy()
+        added = now[~known].sort_values("id", kind="stable").reset_index(drop=True)
+        if len(added):
+            start = len(self.gallery)
+            self.gallery = pd.concat([self.gallery.astype({"label": object}), added],
+                                     ignore_index=True)
+            self.key_of = pd.concat([self.key_of, pd.Series(
+                np.arange(start, start + len(added), dtype=np.int64), index=added["id"])])
+            grow = len(added)
+            self.source = np.r_[self.source, np.full(grow, None, dtype=object)]
+            self.model_version = np.r_[self.model_version, np.full(grow, None, dtype=object)]
+            self.batch_of = np.r_[self.batch_of, np.full(grow, -1, dtype=np.int64)]
+        kept = now[known]
+        rows = self.key_of.reindex(kept["id"].to_numpy(dtype=object)).to_numpy(dtype=np.int64)
+        self.gallery = self.gallery.astype({"label": object})
+        self.gallery.loc[rows, "label"] = kept["label"].to_numpy(dtype=object)
+        self.gallery.loc[rows, "subgroup"] = kept["subgroup"].to_numpy(dtype=object)
+        self.query_keys = self.key_of.reindex(self.queries.ids).fillna(-1).to_numpy(np.int64)
+        self.catalog_version = g
+
     def _update_index(self, batch_id: int, version: int) -> None:
         path = self.paths.gallery_features
+        self._follow_gallery(version)
         incremental = (self.index is not None and self.indexed_batch == batch_id - 1
-                       and self.indexed_version is not None and version > self.indexed_version)
+                       and self.indexed_version is not None and version > self.indexed_version
+                       and not (self.history is not None   # a sync moved rows: rebuild
+                                and self.history.any_between(self.indexed_version, version)))
         if incremental:
             rows, vectors = read_batch_rows(self.spark, path, version, batch_id)
             keys = self._keys(rows["id"], f"batch {batch_id} of {path}")
@@ -266,16 +303,21 @@ class RunEvaluator:
         self._update_index(batch_id, version)
         t1 = time.perf_counter()
         n_new = int((self.source == "new").sum())
-        if n_new != n_backfilled:
+        synced = self.history.new_delta(version) if self.history is not None else 0
+        if n_new != n_backfilled + synced:
             raise ReconciliationError(
                 f"run '{self.run}' batch {batch_id}: gallery_features at version {version} holds "
-                f"{n_new} new items, backfill_log says {n_backfilled}")
+                f"{n_new} new items, backfill_log says {n_backfilled}"
+                + (f" and the syncs up to it {synced:+d}" if synced else ""))
         c1 = time.process_time()
         result = self._evaluate(self.index, self.source)
         t2, c2 = time.perf_counter(), time.process_time()
         out = self._summaries(result)
         out.update(result.recall_metrics())
-        out["backfill_fraction"] = n_backfilled / max(1, self.index.ntotal)
+        out["backfill_fraction"] = n_new / max(1, self.index.ntotal)
+        if self.history is not None and self.history.any_between(-1, version):  # a moving gallery
+            out["n_gallery"] = self.index.ntotal
+            out.update({f"synced_{k}": v for k, v in self.history.synced_counts(version).items()})
         pair = self.gap_pair
         for metric in ("top1", "mAP"):
             if pair:
@@ -323,6 +365,21 @@ class RunEvaluator:
         return named if set(named) == set(self.subgroup_names) else tuple(self.subgroup_names)
 
 
+def synced_history(spark: SparkSession, cfg: Config, run: str):
+    """(the run's `sync_history.SyncedHistory`, the gallery version it was ranked on); (None,
+    None) for a run ranked before plans recorded it (the gallery is then read as it is)."""
+    from fastfill_udfs.spark.rank import RANKED_ON, plan_metadata
+    from fastfill_udfs.spark.sync import sync_log_path
+    from fastfill_udfs.spark.sync_history import SyncedHistory
+
+    ranked = (plan_metadata(spark, cfg, run) or {}).get(RANKED_ON)
+    if ranked is None:
+        return None, None
+    paths = table_paths(cfg, run)
+    return (SyncedHistory(spark, paths.gallery_features, int(ranked), sync_log_path(cfg, run),
+                          paths.gallery), int(ranked))
+
+
 def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:
     """backfill_log rows sorted by batch, with the cumulative items backfilled."""
     pdf = read_table(spark, table_paths(cfg, run).backfill_log).toPandas()
@@ -351,7 +408,9 @@ def run_curve_auc(fractions, values) -> float:
     after its last: a run whose batch 0 already holds new embeddings (h's training pairs)
     starts above t=0, and one with images quarantined at backfill ends below t=1 (those items
     stay transformed). With points at 0 and 1 it is `simulate.curve_auc` itself."""
-    t = np.asarray(fractions, dtype=np.float64)
+    # a sync that adds transformed items or deletes new ones moves t back: that stretch adds
+    # no area until the backfill is past its earlier t again (docs/moving_gallery.md)
+    t = np.maximum.accumulate(np.asarray(fractions, dtype=np.float64))
     v = np.asarray(values, dtype=np.float64)
     if len(t) and t[0] > 0:
         t, v = np.r_[0.0, t], np.r_[v[0], v]

@@ -192,13 +192,17 @@ def ingest(spark: SparkSession, cfg: Config, *, new_model: ModelRef,
 
     Raises ValueError for an empty gallery or duplicate ids (naming a few), a missing or
     ill-typed source column (naming column and table), ReconciliationError on lost rows."""
+    from fastfill_udfs.spark.sync import source_marker
+
     paths = table_paths(cfg)
+    marker = source_marker(spark, cfg)     # before the copy: what a sync starts from
     rows, bad, source, cached = gallery_source(spark, cfg, old_model)
     where = f"gallery source ({cfg.get_path('data.dataset')})"
     rows = rows.persist()
     try:
         n_gallery = check_gallery(rows.select("id"), where)
-        write_table(rows, paths.gallery, metadata={"source": cfg.get_path("data.dataset")})
+        write_table(rows, paths.gallery,
+                    metadata={"source": cfg.get_path("data.dataset"), **marker})
         n_bad = write_quarantine(spark, paths.quarantine, bad, stage="ingest")
         n_source = source.count()
     finally:  # a failing job releases what it cached

@@ -39,6 +39,33 @@ def is_write_conflict(exc: BaseException) -> bool:
     return any(name in text for name in _CONFLICTS) or "[DELTA_CONCURRENT" in text
 
 
+class ConcurrentWriteError(RunBusyError):
+    """A Delta write kept losing to another job's commits on the same table (retried first)."""
+
+
+def retry_conflicts(write, what: str, attempts: int = 5):
+    """`write()` (one Delta commit that is safe to repeat: its conditions are read inside the
+    transaction), retried when another writer committed first. Raises ConcurrentWriteError
+    naming `what` after `attempts` lost races; other errors pass through."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except Exception as exc:
+            if not is_write_conflict(exc):
+                raise
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            if attempt == attempts:
+                raise ConcurrentWriteError(
+                    f"{what}: another job kept committing to the same table first ({attempts} "
+                    f"tries; last: {type(exc).__name__}: {first}). Nothing was half-written: "
+                    "rerun it") from None
+            log.warning("%s: another job committed first (%s); retrying (%d/%d)", what,
+                        type(exc).__name__, attempt, attempts)
+            time.sleep(0.3 * attempt)
+
+
 def _pid_alive(pid: int) -> bool:
     """True while process `pid` runs. A zombie counts as gone: a driver killed with its
     spark-submit parent is reparented to PID 1, and in a container whose PID 1 never reaps,

@@ -1,0 +1,926 @@
+"""sync_gallery: bring the warehouse's `gallery` and the backfill runs on it up to date with the
+user's source table, while a backfill may be running (docs/moving_gallery.md).
+
+Two steps, each safe to kill and rerun:
+
+1. **Source -> gallery.** The rows the source gained, changed or lost since the last sync (or
+   the ingest) are found with the source's Delta Change Data Feed when it has one and it reaches
+   back far enough, else by a keyed comparison of the whole source with `gallery` (Parquet, CDF
+   off); the result says which. Rows that fail the data contract go to `quarantine` (stage
+   `sync`, batch_id = the sync's number) and leave the gallery. One tagged MERGE moves
+   `gallery`; its counts must equal the change set's.
+2. **Gallery -> run.** Each run follows the gallery from the version it last synced to (its
+   `sync_log`, else the version it was ranked on): added and changed items (a new old embedding
+   or image) are embedded by the run's new model on arrival (`sync.mode: embed`; an image that
+   cannot be embedded falls back to `h(old)` and is quarantined), or transformed by the run's
+   `h` and queued in the plan by their score (`sync.mode: transform`); deleted items leave
+   `backfill_plan` and `gallery_features`. The plan is written first, then the features in
+   small conditioned MERGEs that are exact whatever a concurrent backfill commits (each counts
+   its own change of `new` rows, see `sync_history`), then the run's `sync_log` row.
+
+A running backfill and a sync only meet in `gallery_features`: the backfill owns the partitions
+of its batches (1, 2, ...), a sync writes items into partition 0 (arrived `new`) or -1 (queued)
+and only takes rows out of batch partitions. A batch embeds only rows still `transformed` in its
+partition and merges only rows still there, so it never overwrites what a sync made `new` and
+never brings a deleted row back; the queued items are moved into a batch by the backfill
+(`absorb_queued`) before it reads its input. Delta write conflicts are retried
+(`lease.retry_conflicts`), then refused with a message."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from fastfill_udfs.config import Config
+from fastfill_udfs.model_loading import ModelRef
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, commit_metadata, is_delta_table,
+                                          latest_version, quarantine_count, read_table,
+                                          table_paths, write_quarantine, write_table)
+from fastfill_udfs.spark.lease import RunLease, retry_conflicts
+from fastfill_udfs.spark.sync_history import (ABSORB_TAG, ARRIVED_BATCH, QUEUE_BATCH, SYNC_TAG,
+                                              moved_by_syncs_only)
+from fastfill_udfs.spark.validation import ReconciliationError
+
+log = logging.getLogger(__name__)
+SYNC_MODES = ("embed", "transform")
+METADATA_KEY = "spark.databricks.delta.commitInfo.userMetadata"
+SYNC_LOG_SCHEMA = ("sync_id long, gallery_version long, features_version long, method string, "
+                   "n_added long, n_changed long, n_deleted long, n_new long, "
+                   "n_transformed long, n_queued long, n_quarantined long, new_delta long, "
+                   "started_at timestamp, finished_at timestamp")
+CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+
+
+# ----------------------------------------------------------------------------- helpers
+def sync_log_path(cfg: Config, run: str) -> str:
+    """`runs/<run>/sync_log`: one row per sync that reached the run."""
+    return table_paths(cfg, run).backfill_log.rsplit("/", 1)[0] + "/sync_log"
+
+
+def gallery_lease_path(cfg: Config) -> str:
+    return cfg.resolve_path("paths.warehouse").rstrip("/") + "/gallery_lease"
+
+
+class GalleryLease(RunLease):
+    """One sync per warehouse at a time (a lease row on `gallery`, as `lease.RunLease`)."""
+
+    def _busy(self, row):
+        from fastfill_udfs.spark.lease import RunBusyError
+
+        return RunBusyError(
+            f"the gallery is already being synced by {row['owner']} (host {row['host']}, pid "
+            f"{row['pid']}) since {row['acquired_at']} UTC. Not starting a second sync: wait "
+            f"for it, or, if it died on another machine, rerun after "
+            f"backfill.lease_timeout_s ({self.timeout_s:.0f} s)")
+
+
+class tagged:
+    """Context manager: every Delta commit made inside carries `meta` as user metadata."""
+
+    def __init__(self, spark: SparkSession, meta: dict):
+        import json
+
+        self.spark, self.text = spark, json.dumps(meta, sort_keys=True, default=str)
+
+    def __enter__(self):
+        self.spark.conf.set(METADATA_KEY, self.text)
+
+    def __exit__(self, *exc):
+        self.spark.conf.unset(METADATA_KEY)
+
+
+def _attempts(cfg: Config) -> int:
+    n = cfg.get_path("sync.conflict_retries")
+    if n < 1:
+        raise ValueError(f"sync.conflict_retries must be >= 1, got {n}")
+    return int(n)
+
+
+def _merge_counts(result: DataFrame | None) -> dict:
+    row = result.first() if result is not None else None
+    if row is None:
+        return {"updated": 0, "inserted": 0, "deleted": 0}
+    d = row.asDict()
+    return {"updated": int(d.get("num_updated_rows", 0) or 0),
+            "inserted": int(d.get("num_inserted_rows", 0) or 0),
+            "deleted": int(d.get("num_deleted_rows", 0) or 0)}
+
+
+def _content_hash(image_col: str):
+    """What a change must touch for an item to be embedded again: old embedding and image."""
+    return F.xxhash64(F.lit("c"), F.col("old_embedding"), F.col(f"`{image_col}`"))
+
+
+def _image_column(df: DataFrame) -> str:
+    return "image_uri" if "image_uri" in df.columns else "image"
+
+
+def net_events(changes: DataFrame, key: str) -> tuple[DataFrame, DataFrame]:
+    """(first, last) change event per `key` of a Change Data Feed read (`_change_type`,
+    `_commit_version`): within a commit a pre-image or delete comes before an insert or
+    post-image. An id whose last event is an insert / post-image exists afterwards with that
+    row; one whose first event is a pre-image / delete existed before with that row."""
+    kind = F.col("_change_type")
+    order = [F.col("_commit_version"), F.when(kind == "update_preimage", 0)
+             .when(kind == "delete", 1).when(kind == "insert", 2).otherwise(3)]
+    last = Window.partitionBy(key).orderBy(*[c.desc() for c in order])
+    first = Window.partitionBy(key).orderBy(*order)
+    return (changes.withColumn("_n", F.row_number().over(first)).where("_n = 1").drop("_n"),
+            changes.withColumn("_n", F.row_number().over(last)).where("_n = 1").drop("_n"))
+
+
+def read_change_feed(spark: SparkSession, path: str, start: int, end: int) -> DataFrame:
+    """The Change Data Feed of the Delta table at `path` for versions [start, end]. Raises
+    ValueError (with Delta's reason) when it is not there: CDF off then, or vacuumed."""
+    try:
+        df = (spark.read.format("delta").option("readChangeFeed", "true")
+              .option("startingVersion", int(start)).option("endingVersion", int(end)).load(path))
+        df.limit(0).collect()   # Delta checks the range when the read is planned
+        return df
+    except Exception as exc:
+        raise ValueError(str(exc).strip().splitlines()[0][:300]) from None
+
+
+def cdf_enabled(spark: SparkSession, path: str) -> bool:
+    from delta.tables import DeltaTable
+
+    props = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
+    return str(props.get("delta.enableChangeDataFeed", "false")).lower() == "true"
+
+
+# ----------------------------------------------------------------------------- source -> gallery
+@dataclass
+class SourceChanges:
+    """What the source gained, changed and lost, in the gallery's shape."""
+
+    method: str                       # "cdf" | "keyed"
+    why: str                          # why that method
+    source_version: int | None        # the Delta version synced to (None for Parquet)
+    upserts: DataFrame                # conformed rows: inserts and updates
+    gone: DataFrame | None            # DataFrame[id] the CDF says left (None: keyed)
+    bad: DataFrame                    # DataFrame[id, reason] rows that fail the contract
+    cached: list = field(default_factory=list)
+
+
+def _source_table(spark: SparkSession, cfg: Config) -> tuple[str, bool]:
+    from fastfill_udfs.spark.sources import read_source_table
+
+    if cfg.get_path("data.dataset") != "gallery_table":
+        raise ValueError("sync_gallery follows a source table: set data.dataset=gallery_table "
+                         f"(it is {cfg.get_path('data.dataset')!r}; image sources are "
+                         "re-ingested instead)")
+    path = cfg.resolve_path("data.gallery_table")
+    read_source_table(spark, path, cfg.get_path("data.table_format"))  # names a missing table
+    fmt = cfg.get_path("data.table_format")
+    return path, fmt == "delta" or (fmt == "auto" and is_delta_table(spark, path))
+
+
+def source_changes(spark: SparkSession, cfg: Config, gallery_path: str) -> SourceChanges:
+    """The source's changes since the gallery last took it in (see the module docstring)."""
+    from fastfill_udfs.spark.ingest import _derived_subgroups
+    from fastfill_udfs.spark.sources import conform
+
+    path, is_delta = _source_table(spark, cfg)
+    columns = cfg.get_path("data.columns")
+    where = f"gallery table {path}"
+    last = commit_metadata(spark, gallery_path, "source_version") or {}
+    version = latest_version(spark, path) if is_delta else None
+    why = ""
+    if not is_delta:
+        why = "the source is not a Delta table (no Change Data Feed): keyed comparison"
+    elif last.get("source_version") is None:
+        why = ("the gallery does not record which source version it holds (ingested before "
+               "sync existed, or from Parquet): keyed comparison")
+    elif last.get("source_table") not in (None, path):
+        why = f"the gallery was taken from {last.get('source_table')}: keyed comparison"
+    elif not cdf_enabled(spark, path):
+        why = ("Change Data Feed is off on the source (ALTER TABLE ... SET TBLPROPERTIES "
+               "(delta.enableChangeDataFeed = true) turns it on): keyed comparison")
+    if is_delta and not why:
+        start = int(last["source_version"]) + 1
+        if start > version:
+            empty = spark.createDataFrame([], "id string")
+            rows, _ = conform(read_source_table_at(spark, path, version).limit(0), columns,
+                              where, old_embedding=True)
+            return SourceChanges("cdf", f"Change Data Feed, nothing after version {version}",
+                                 version, rows, empty,
+                                 spark.createDataFrame([], "id string, reason string"))
+        try:
+            feed = read_change_feed(spark, path, start, version)
+        except ValueError as exc:
+            why = f"the Change Data Feed does not reach back to version {start} ({exc}): keyed"
+        else:
+            return _cdf_changes(spark, cfg, feed, columns, where, start, version,
+                                _derived_subgroups, conform)
+    source = read_source_table_at(spark, path, version)
+    rows, bad = conform(source, columns, where, old_embedding=True)
+    return SourceChanges("keyed", why, version, _derived_subgroups(rows, cfg), None, bad)
+
+
+def read_source_table_at(spark: SparkSession, path: str, version: int | None) -> DataFrame:
+    from fastfill_udfs.spark.sources import read_source_table
+
+    if version is None:
+        return read_source_table(spark, path, "parquet")
+    return read_table(spark, path, version=version)
+
+
+def _cdf_changes(spark, cfg, feed, columns, where, start, end, derive, conform) -> SourceChanges:
+    key = columns.get("id") or "id"
+    if key not in feed.columns:
+        raise ValueError(f"{where} has no column {key!r} (data.columns.id)")
+    keyed = feed.where(F.col(f"`{key}`").isNotNull())
+    after = ("insert", "update_postimage")
+    dupes = (keyed.where(F.col("_change_type").isin(*after))
+             .groupBy(key, "_commit_version").count().where("count > 1"))
+    sample = [r[key] for r in dupes.limit(5).collect()]
+    if sample:
+        raise ValueError(f"{where} holds duplicated ids after version {start - 1}, e.g. "
+                         f"{sample}; ids must be unique (nothing was synced)")
+    first, last = net_events(keyed, key)
+    present = last.where(F.col("_change_type").isin(*after))
+    null_ids = feed.where(F.col(f"`{key}`").isNull() & F.col("_change_type").isin(*after))
+    raw = present.unionByName(null_ids).drop(*CDF_COLUMNS)
+    rows, bad = conform(raw, columns, where, old_embedding=True)
+    gone = last.where(~F.col("_change_type").isin(*after)).select(
+        F.col(f"`{key}`").cast("string").alias("id"))
+    inserted_first = first.where(F.col("_change_type") == "insert").select(
+        F.col(f"`{key}`").cast("string").alias("id"))
+    return SourceChanges("cdf", f"Change Data Feed, versions {start}..{end}", end,
+                         derive(rows, cfg), gone, bad, [inserted_first])
+
+
+@dataclass
+class GalleryDiff:
+    inserts: DataFrame
+    updates: DataFrame
+    deletes: DataFrame
+    counts: dict
+
+
+def diff_gallery(spark: SparkSession, gallery: DataFrame, changes: SourceChanges,
+                 where: str) -> GalleryDiff:
+    """Inserts, updates (any column; `_content` says whether old embedding or image changed)
+    and deletes that bring `gallery` to the source. Raises ValueError for duplicated ids."""
+    from fastfill_udfs.spark.validation import check_unique_ids
+
+    cols = [c for c in gallery.columns]
+    image_col = _image_column(gallery)
+    new_cols = [c for c in changes.upserts.columns if c not in cols]
+    if new_cols:
+        log.warning("sync: %s has columns the gallery does not (%s): not taken in by a sync; "
+                    "re-ingest to add them", where, new_cols)
+    if _image_column(changes.upserts) != image_col:
+        raise ValueError(f"{where}: the image column changed type (the gallery holds "
+                         f"{image_col}); re-ingest the gallery")
+    types = dict(gallery.dtypes)
+    up = changes.upserts.select(*[
+        (F.col(f"`{c}`") if c in changes.upserts.columns else F.lit(None)).cast(types[c])
+        .alias(c) for c in cols])
+    if changes.gone is None:
+        check_unique_ids(up.select("id"), where)
+
+    def hashed(df):
+        return df.select("*", F.xxhash64(*[F.col(f"`{c}`") for c in cols if c != "id"],
+                                         F.lit("a")).alias("_all"),
+                         _content_hash(image_col).alias("_content_h"))
+
+    g = hashed(gallery).select("id", F.col("_all").alias("_g_all"),
+                               F.col("_content_h").alias("_g_content"))
+    a = hashed(up).join(g, "id", "left")
+    inserts = a.where("_g_all IS NULL").select(*cols)
+    updates = a.where("_g_all IS NOT NULL AND _all != _g_all").select(
+        *cols, (F.col("_content_h") != F.col("_g_content")).alias("_content"))
+    bad_ids = changes.bad.select("id")
+    if changes.gone is None:   # keyed: every gallery id the source no longer has (good)
+        deletes = gallery.select("id").join(up.select("id"), "id", "left_anti")
+    else:
+        deletes = (changes.gone.unionByName(bad_ids).distinct()
+                   .join(gallery.select("id"), "id", "left_semi"))
+        again = changes.cached[0].join(gallery.select("id"), "id", "left_semi").join(
+            changes.gone, "id", "left_anti")
+        sample = [r["id"] for r in again.limit(5).collect()]
+        if sample:
+            raise ValueError(f"{where} inserted rows with ids the gallery already holds, e.g. "
+                             f"{sample}: duplicated ids (nothing was synced)")
+    inserts, updates, deletes = (inserts.persist(), updates.persist(), deletes.persist())
+    counts = {"inserted": inserts.count(), "updated": updates.count(),
+              "content_changed": updates.where("_content").count(), "deleted": deletes.count()}
+    return GalleryDiff(inserts, updates, deletes, counts)
+
+
+def _ensure_change_feed(spark: SparkSession, path: str, sync_id: int) -> None:
+    """Turn on the Change Data Feed of `gallery` (runs follow it from there); a tagged commit,
+    so a plan ranked before it is still current."""
+    if cdf_enabled(spark, path):
+        return
+    with tagged(spark, {SYNC_TAG: sync_id, "setup": "delta.enableChangeDataFeed"}):
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
+                  "(delta.enableChangeDataFeed = true)")
+
+
+def sync_source(spark: SparkSession, cfg: Config) -> dict:
+    """Step 1: bring `gallery` up to date with the source (hold the gallery lease). Returns
+    the counts, the method and why, the sync id and the gallery version it committed."""
+    paths = table_paths(cfg)
+    if not is_delta_table(spark, paths.gallery):
+        raise TableNotFoundError(f"no gallery at {paths.gallery}: run pipelines/ingest.py first")
+    previous = commit_metadata(spark, paths.gallery, SYNC_TAG) or {}
+    sync_id = int(previous.get(SYNC_TAG, 0)) + 1
+    changes = source_changes(spark, cfg, paths.gallery)
+    where = f"gallery table {cfg.get_path('data.gallery_table')}"
+    gallery = read_table(spark, paths.gallery)
+    n_before = gallery.count()
+    diff = diff_gallery(spark, gallery, changes, where)
+    try:
+        n_bad = (write_quarantine(spark, paths.quarantine, changes.bad, stage="sync",
+                                  batch_id=sync_id) if changes.bad.limit(1).count() else 0)
+        counts = {**diff.counts, "quarantined": n_bad}
+        n_after = n_before + counts["inserted"] - counts["deleted"]
+        if n_after <= 0:
+            raise ValueError(f"{where}: a sync would leave the gallery empty "
+                             f"({counts['deleted']} of {n_before} items deleted); nothing synced")
+        info = {"sync_id": sync_id, "method": changes.method, "why": changes.why,
+                "source_version": changes.source_version, **counts}
+        moved = counts["inserted"] + counts["updated"] + counts["deleted"]
+        version = latest_version(spark, paths.gallery)
+        if moved:
+            _ensure_change_feed(spark, paths.gallery, sync_id)
+            version = _merge_gallery(spark, cfg, paths.gallery, diff, info)
+        elif changes.method == "cdf" and changes.source_version != previous.get(
+                "source_version") and changes.source_version is not None:
+            log.info("sync %d: the source moved to version %s with no net change", sync_id,
+                     changes.source_version)
+    finally:
+        for df in (diff.inserts, diff.updates, diff.deletes, *changes.cached):
+            df.unpersist()
+    log.info("sync %d: %s (%s); gallery %d -> %d items, version %d: %s", sync_id,
+             changes.method, changes.why, n_before, n_after, version, counts)
+    return {**info, "n_before": n_before, "n_after": n_after, "gallery_version": version,
+            "committed": bool(moved)}
+
+
+def _merge_gallery(spark, cfg, path: str, diff: GalleryDiff, info: dict) -> int:
+    from delta.tables import DeltaTable
+
+    cols = [c for c in diff.inserts.columns]
+    src = (diff.inserts.withColumn("_kind", F.lit("insert"))
+           .unionByName(diff.updates.drop("_content").withColumn("_kind", F.lit("update")))
+           .unionByName(diff.deletes.select("id", *[F.lit(None).cast(t).alias(c) for c, t in
+                                                   diff.inserts.dtypes if c != "id"])
+                        .withColumn("_kind", F.lit("delete"))))
+    meta = {SYNC_TAG: info["sync_id"], "source_table": cfg.resolve_path("data.gallery_table"),
+            **{k: info[k] for k in ("method", "why", "source_version", "inserted", "updated",
+                                    "content_changed", "deleted", "quarantined")}}
+
+    def write():
+        with tagged(spark, meta):
+            return (DeltaTable.forPath(spark, path).alias("g")
+                    .merge(src.alias("s"), "g.id = s.id")
+                    .whenMatchedDelete(condition="s._kind = 'delete'")
+                    .whenMatchedUpdate(condition="s._kind = 'update'",
+                                       set={c: f"s.`{c}`" for c in cols if c != "id"})
+                    .whenNotMatchedInsert(condition="s._kind = 'insert'",
+                                          values={c: f"s.`{c}`" for c in cols})
+                    .execute())
+    got = _merge_counts(retry_conflicts(write, f"sync {info['sync_id']}: MERGE into the gallery",
+                                        _attempts(cfg)))
+    want = {"updated": info["updated"], "inserted": info["inserted"], "deleted": info["deleted"]}
+    if got != want:
+        raise ReconciliationError(f"sync {info['sync_id']}: the gallery MERGE changed {got} "
+                                  f"rows, the change set has {want}")
+    return latest_version(spark, path)
+
+
+# ----------------------------------------------------------------------------- gallery -> run
+def run_gallery_version(spark: SparkSession, cfg: Config, run: str, meta: dict) -> int:
+    """The gallery version run `run` reflects: its newest sync_log row, else the ranked one."""
+    from fastfill_udfs.spark.rank import RANKED_ON
+
+    path = sync_log_path(cfg, run)
+    if is_delta_table(spark, path):
+        row = read_table(spark, path).agg(F.max("gallery_version").alias("g")).first()
+        if row["g"] is not None:
+            return int(row["g"])
+    return int(meta[RANKED_ON])
+
+
+def gallery_changes(spark: SparkSession, gallery_path: str, since: int, upto: int
+                    ) -> tuple[DataFrame, DataFrame, str]:
+    """(puts [id, old_embedding, image], deletes [id], method) between two versions of
+    `gallery`: items added or whose old embedding or image changed, items removed. From the
+    gallery's Change Data Feed when it covers the range, else a keyed comparison of the two
+    versions (Delta time travel)."""
+    now = read_table(spark, gallery_path, version=upto)
+    image_col = _image_column(now)
+    try:
+        feed = read_change_feed(spark, gallery_path, since + 1, upto)
+    except ValueError as exc:
+        log.info("sync: gallery versions %d..%d by keyed comparison (%s)", since, upto, exc)
+        before = read_table(spark, gallery_path, version=since).select(
+            "id", _content_hash(image_col).alias("_b"))
+        after = now.select("id", "old_embedding", image_col, _content_hash(image_col).alias("_a"))
+        puts = after.join(before, "id", "left").where("_b IS NULL OR _a != _b").select(
+            "id", "old_embedding", image_col)
+        deletes = before.select("id").join(after.select("id"), "id", "left_anti")
+        return puts, deletes, "keyed"
+    feed = feed.withColumn("_h", _content_hash(image_col))
+    first, last = net_events(feed, "id")
+    after_types = ("insert", "update_postimage")
+    b = first.select("id", F.when(~F.col("_change_type").isin(*after_types), F.col("_h"))
+                     .alias("_b"))
+    a = last.join(b, "id")
+    puts = a.where(F.col("_change_type").isin(*after_types)
+                   & (F.col("_b").isNull() | (F.col("_h") != F.col("_b")))).select(
+        "id", "old_embedding", image_col)
+    deletes = a.where(~F.col("_change_type").isin(*after_types) & F.col("_b").isNotNull()) \
+        .select("id")
+    return puts, deletes, "cdf"
+
+
+def _check_models(meta: dict, run: str, new_model: ModelRef, h: ModelRef) -> None:
+    from fastfill_udfs.spark.backfill import ModelMismatchError, check_new_model
+
+    check_new_model(meta, new_model, run)
+    was = meta.get("h") or {}
+    if (was.get("version"), was.get("weights")) != (h.version, h.weights_hash):
+        raise ModelMismatchError(
+            f"run '{run}' was ranked with h {was.get('version')} (weights {was.get('weights')}), "
+            f"but models.h is {h.version} (weights {h.weights_hash}); nothing was synced into "
+            f"it. Point models.h back at {was.get('uri')}, or re-rank the run")
+
+
+def _transform(spark, h: ModelRef, rows: DataFrame, image_col: str, policy: str | None,
+               seed: int) -> DataFrame:
+    """rows[id, old_embedding, image] -> [id, image, transformed, sigma, score?, reason]."""
+    from fastfill_udfs.spark.udfs import transform_fn
+
+    image_type = dict(rows.dtypes)[image_col]
+    schema = (f"id string, {image_col} {image_type}, transformed array<float>, sigma double, "
+              + ("score double, " if policy else "") + "reason string")
+    return rows.select("id", "old_embedding", image_col).mapInArrow(
+        transform_fn(spark.sparkContext.broadcast(h.payload()), h.model.old_dim,
+                     ["id", image_col], policy=policy, seed=seed), schema)
+
+
+def _features_rows(df: DataFrame, vector: str, source: str, batch_id, model_version: str,
+                   planned: int) -> DataFrame:
+    return df.select("id", F.col(vector).cast("array<float>").alias("embedding"),
+                     F.lit(source).alias("source"), F.lit(batch_id).cast("int").alias("batch_id"),
+                     F.current_timestamp().alias("updated_at"),
+                     F.lit(model_version).alias("model_version"),
+                     F.lit(planned).cast("int").alias("planned_batch_id"))
+
+
+@dataclass
+class RunPlan:
+    """What one sync does to one run."""
+
+    to_new: DataFrame          # features rows that become `new` (partition 0)
+    to_transformed: DataFrame  # features rows that become `transformed` (partition 0 or -1)
+    queued: DataFrame          # plan rows queued by score (partition -1)
+    remove: DataFrame          # ids that leave the run
+    quarantine: DataFrame      # [id, reason]
+    counts: dict
+
+
+def _run_changes(spark, cfg: Config, run: str, meta: dict, puts: DataFrame, deletes: DataFrame,
+                 new_model: ModelRef, h: ModelRef, mode: str) -> tuple[RunPlan, list]:
+    from fastfill_udfs.spark.ingest import embed_images
+
+    paths = table_paths(cfg, run)
+    image_col = meta.get("image_column", _image_column(puts))
+    cached = []
+    in_run = read_table(spark, paths.gallery_features).select("id")
+    n_put = puts.count()
+    n_changed = puts.join(in_run, "id", "left_semi").count() if n_put else 0
+    empty_bad = spark.createDataFrame([], "id string, reason string")
+    if mode == "embed":
+        items = puts.select("id", image_col)
+        missing = empty_bad
+        if image_col == "image_uri" and n_put:
+            from fastfill_udfs.spark.images import attach_images
+
+            items, missing = attach_images(spark, items, cfg.get_path("data.image_root"))
+        embedded = embed_images(spark, items, new_model, cfg, ["id"]).persist(
+            StorageLevel.MEMORY_AND_DISK)
+        cached.append(embedded)
+        failed = missing.unionByName(embedded.where("reason IS NOT NULL").select("id", "reason"))
+        failed = failed.persist()
+        cached.append(failed)
+        to_new = _features_rows(embedded.where("reason IS NULL"), "embedding", "new",
+                                ARRIVED_BATCH, new_model.version, ARRIVED_BATCH)
+        fallback = _transform(spark, h, puts.join(failed.select("id"), "id", "left_semi"),
+                              image_col, None, 0).persist()
+        cached.append(fallback)
+        to_transformed = _features_rows(fallback.where("reason IS NULL"), "transformed",
+                                        "transformed", None, h.version, ARRIVED_BATCH)
+        queued = spark.createDataFrame([], f"id string, score double, rank long, batch_id int, "
+                                           f"{image_col} {dict(puts.dtypes)[image_col]}")
+        h_bad = fallback.where("reason IS NOT NULL").select("id", "reason")
+        quarantine = (failed.join(h_bad.select("id"), "id", "left_anti")
+                      .select("id", F.concat(F.col("reason"), F.lit(
+                          "; searchable by h(old) until its image is fixed")).alias("reason"))
+                      .unionByName(h_bad.join(failed.withColumnRenamed("reason", "_img"), "id")
+                                   .select("id", F.concat(F.col("_img"), F.lit("; and "),
+                                                          F.col("reason")).alias("reason"))))
+        remove = deletes.unionByName(h_bad.select("id")).distinct()
+    else:
+        scored = _transform(spark, h, puts, image_col, meta.get("policy", "uncertainty"),
+                            cfg.get_path("seed")).persist()
+        cached.append(scored)
+        good = scored.where("reason IS NULL")
+        to_new = _features_rows(spark.createDataFrame([], "id string, e array<float>"), "e",
+                                "new", ARRIVED_BATCH, new_model.version, ARRIVED_BATCH)
+        to_transformed = _features_rows(good, "transformed", "transformed", None, h.version,
+                                        QUEUE_BATCH)
+        queued = good.select("id", "score", F.lit(None).cast("long").alias("rank"),
+                             F.lit(QUEUE_BATCH).alias("batch_id"), image_col)
+        quarantine = scored.where("reason IS NOT NULL").select("id", "reason")
+        remove = deletes.unionByName(quarantine.select("id")).distinct()
+    to_new, to_transformed, remove, quarantine = (
+        df.persist() for df in (to_new, to_transformed, remove, quarantine))
+    cached += [to_new, to_transformed, remove, quarantine]
+    counts = {"added": n_put - n_changed, "changed": n_changed,
+              "deleted": deletes.join(in_run, "id", "left_semi").count(),
+              "new": to_new.count(), "transformed": to_transformed.count(),
+              "queued": to_transformed.count() if mode == "transform" else 0,
+              "quarantined": quarantine.count()}
+    return RunPlan(to_new, to_transformed, queued, remove, quarantine, counts), cached
+
+
+def _write_plan(spark, cfg, paths, plan: RunPlan, meta: dict, image_col: str) -> None:
+    """The plan first: items leaving their batch (deleted, made new, re-transformed) and the
+    queued ones; a batch that reads its input afterwards no longer embeds them."""
+    from delta.tables import DeltaTable
+
+    leave = (plan.remove.unionByName(plan.to_new.select("id"))
+             .unionByName(plan.to_transformed.select("id")).distinct()
+             .join(plan.queued.select("id"), "id", "left_anti"))
+    image_type = dict(plan.queued.dtypes)[image_col]
+    src = (leave.select("id", F.lit(None).cast("double").alias("score"),
+                        F.lit(None).cast("long").alias("rank"),
+                        F.lit(None).cast("int").alias("batch_id"),
+                        F.lit(None).cast(image_type).alias(image_col), F.lit("drop").alias("_k"))
+           .unionByName(plan.queued.withColumn("_k", F.lit("queue"))))
+    if not src.limit(1).count():
+        return
+
+    def write():
+        with tagged(spark, meta):
+            return (DeltaTable.forPath(spark, paths.backfill_plan).alias("p")
+                    .merge(src.alias("s"), "p.id = s.id")
+                    .whenMatchedDelete(condition="s._k = 'drop'")
+                    .whenMatchedUpdate(condition="s._k = 'queue'", set={
+                        "score": "s.score", "rank": "s.rank", "batch_id": "s.batch_id",
+                        image_col: f"s.{image_col}"})
+                    .whenNotMatchedInsert(condition="s._k = 'queue'", values={
+                        "id": "s.id", "score": "s.score", "rank": "s.rank",
+                        "batch_id": "s.batch_id", image_col: f"s.{image_col}"})
+                    .execute())
+    retry_conflicts(write, f"sync {meta[SYNC_TAG]}: MERGE into {paths.backfill_plan}",
+                    _attempts(cfg))
+
+
+def _write_features(spark, cfg, paths, plan: RunPlan, meta: dict) -> int:
+    """Four conditioned MERGEs, those on `transformed` rows first: a concurrent batch can only
+    turn `transformed` rows into `new`, never back, so after them the MERGEs on `new` rows
+    see every row they must. Each commit records how it moves the count of `new` rows.
+    Returns the net change of `new` rows."""
+    from delta.tables import DeltaTable
+
+    cols = ["id", "embedding", "source", "batch_id", "updated_at", "model_version",
+            "planned_batch_id"]
+    setall = {c: f"s.{c}" for c in cols if c != "id"}
+    values = {c: f"s.{c}" for c in cols}
+    put = plan.to_transformed.withColumn("_k", F.lit("put"))
+    drop = plan.remove.select("id", *[F.lit(None).cast(t).alias(c) for c, t in
+                                      plan.to_transformed.dtypes if c != "id"]) \
+        .withColumn("_k", F.lit("drop"))
+    moves = put.unionByName(drop)
+    same_new = ("s.embedding <=> f.embedding AND f.planned_batch_id <=> s.planned_batch_id "
+                "AND f.model_version <=> s.model_version")
+    steps = [
+        ("arrive_new", plan.to_new, 1, lambda m: m
+         .whenMatchedUpdate(condition="f.source = 'transformed'", set=setall)
+         .whenNotMatchedInsert(values=values)),
+        ("arrive_transformed", moves, 0, lambda m: m
+         .whenMatchedDelete(condition="f.source = 'transformed' AND s._k = 'drop'")
+         .whenMatchedUpdate(condition="f.source = 'transformed' AND s._k = 'put'", set=setall)
+         .whenNotMatchedInsert(condition="s._k = 'put'", values=values)),
+        ("refresh_new", plan.to_new, 0, lambda m: m
+         .whenMatchedUpdate(condition=f"f.source = 'new' AND NOT ({same_new})", set=setall)),
+        ("leave_new", moves, -1, lambda m: m
+         .whenMatchedDelete(condition="f.source = 'new' AND s._k = 'drop'")
+         .whenMatchedUpdate(condition="f.source = 'new' AND s._k = 'put'", set=setall)),
+    ]
+    delta = 0
+    for step, src, sign, clauses in steps:
+        if not src.limit(1).count():
+            continue
+
+        def write(src=src, clauses=clauses, step=step, sign=sign):
+            with tagged(spark, {**meta, "step": step, "new_sign": sign}):
+                merge = DeltaTable.forPath(spark, paths.gallery_features).alias("f").merge(
+                    src.alias("s"), "f.id = s.id")
+                return clauses(merge).execute()
+        got = _merge_counts(retry_conflicts(
+            write, f"sync {meta[SYNC_TAG]}: {step} MERGE into {paths.gallery_features}",
+            _attempts(cfg)))
+        delta += sign * (got["updated"] + got["inserted"] + got["deleted"])
+    return delta
+
+
+def check_run(spark: SparkSession, cfg: Config, run: str, gallery_version: int) -> dict:
+    """The run against the gallery it was synced to: every gallery item has exactly one row in
+    `gallery_features` or is quarantined for the run, no row and no plan row is of an item
+    that left the gallery. Raises ReconciliationError naming a few ids."""
+    paths = table_paths(cfg, run)
+    gallery = read_table(spark, paths.gallery, version=gallery_version).select("id")
+    feats = read_table(spark, paths.gallery_features).select("id")
+    plan = read_table(spark, paths.backfill_plan).select("id")
+    quarantined = (read_table(spark, paths.quarantine)
+                   .where((F.col("run") == run) & F.col("stage").isin("rank", "sync"))
+                   .select("id").distinct())
+    problems = []
+    for what, df in [
+            ("ids with more than one row in gallery_features",
+             feats.groupBy("id").count().where("count > 1").select("id")),
+            ("rows in gallery_features of items no longer in the gallery",
+             feats.join(gallery, "id", "left_anti")),
+            ("plan rows of items no longer in the gallery", plan.join(gallery, "id", "left_anti")),
+            ("gallery items with no row in gallery_features and no quarantine entry",
+             gallery.join(feats, "id", "left_anti").join(quarantined, "id", "left_anti"))]:
+        sample = [r["id"] for r in df.limit(5).collect()]
+        if sample:
+            problems.append(f"{what}, e.g. {sample}")
+    if problems:
+        raise ReconciliationError(f"run '{run}' after syncing to gallery version "
+                                  f"{gallery_version}: " + "; ".join(problems))
+    return {"gallery": gallery.count(), "gallery_features": feats.count()}
+
+
+def sync_run(spark: SparkSession, cfg: Config, run: str, *, new_model: ModelRef, h: ModelRef,
+             sync_id: int, mode: str | None = None) -> dict:
+    """Step 2 for one run (see the module docstring); the gallery lease must be held. Returns
+    the run's counts; {"skipped": reason} when the run is up to date or not ranked. Raises
+    ModelMismatchError for another new model or h than the run's, StaleRankingError for a
+    gallery re-ingested since the run was ranked."""
+    from fastfill_udfs.spark.rank import StaleRankingError, is_ranked, plan_metadata
+
+    mode = mode or cfg.get_path("sync.mode")
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync.mode must be one of {SYNC_MODES}, got {mode!r}")
+    if not is_ranked(spark, cfg, run):
+        return {"run": run, "skipped": "not ranked"}
+    paths = table_paths(cfg, run)
+    meta = plan_metadata(spark, cfg, run) or {}
+    since = run_gallery_version(spark, cfg, run, meta)
+    upto = latest_version(spark, paths.gallery)
+    if since == upto:
+        return {"run": run, "skipped": f"up to date (gallery version {upto})"}
+    if since > upto or not moved_by_syncs_only(spark, paths.gallery, since):
+        raise StaleRankingError(
+            f"run '{run}' follows gallery version {since}, but the gallery was re-ingested "
+            f"since (now version {upto}): a sync cannot bring it along. Re-rank it with "
+            f"pipelines/rank_gallery.py --policy {meta.get('policy')} --force")
+    _check_models(meta, run, new_model, h)
+    started = datetime.now(timezone.utc)
+    puts, deletes, method = gallery_changes(spark, paths.gallery, since, upto)
+    puts, deletes = puts.persist(), deletes.persist()
+    cached = [puts, deletes]
+    try:
+        plan, more = _run_changes(spark, cfg, run, meta, puts, deletes, new_model, h, mode)
+        cached += more
+        counts = plan.counts
+        if counts["quarantined"] or quarantine_count(spark, paths.quarantine, "sync", run,
+                                                     sync_id):
+            write_quarantine(spark, paths.quarantine, plan.quarantine, stage="sync", run=run,
+                             batch_id=sync_id)
+        meta_tag = {SYNC_TAG: sync_id, "run": run, "gallery_version": upto, "mode": mode,
+                    "run_counts": counts}
+        image_col = meta.get("image_column", _image_column(puts))
+        _write_plan(spark, cfg, paths, plan, meta_tag, image_col)
+        new_delta = _write_features(spark, cfg, paths, plan, meta_tag)
+    finally:
+        for df in cached:
+            df.unpersist()
+    fver = latest_version(spark, paths.gallery_features)
+    checked = check_run(spark, cfg, run, upto)
+    row = spark.createDataFrame([(
+        sync_id, upto, fver, method, counts["added"], counts["changed"], counts["deleted"],
+        counts["new"], counts["transformed"], counts["queued"], counts["quarantined"],
+        new_delta, started, datetime.now(timezone.utc))], SYNC_LOG_SCHEMA)
+    log_path = sync_log_path(cfg, run)
+    if not is_delta_table(spark, log_path):
+        write_table(spark.createDataFrame([], SYNC_LOG_SCHEMA), log_path)
+    from delta.tables import DeltaTable
+
+    (DeltaTable.forPath(spark, log_path).alias("l").merge(row.alias("n"), "l.sync_id = n.sync_id")
+     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    out = {"run": run, "method": method, "gallery_version": upto, "features_version": fver,
+           "new_delta": new_delta, **counts, **checked}
+    log.info("sync %d -> run %s (%s, gallery v%d -> v%d): %s", sync_id, run, mode, since, upto,
+             out)
+    return out
+
+
+# ----------------------------------------------------------------------------- backfill side
+def queued_items(spark: SparkSession, paths) -> DataFrame:
+    """Items a sync queued that no batch has taken yet: [id, score] (plan partition -1 whose
+    features row is still transformed in partition -1)."""
+    waiting = (read_table(spark, paths.gallery_features)
+               .where((F.col("planned_batch_id") == QUEUE_BATCH)
+                      & (F.col("source") == "transformed")).select("id"))
+    return (read_table(spark, paths.backfill_plan).where(F.col("batch_id") == QUEUE_BATCH)
+            .select("id", "score").join(waiting, "id", "left_semi"))
+
+
+def extra_batches(spark: SparkSession, cfg: Config, run: str, planned: dict[int, int],
+                  batching: dict) -> dict[int, int]:
+    """Batches beyond the ranked plan: those already logged, and the next one while items a
+    sync queued wait (transform mode, after the plan's last batch)."""
+    paths = table_paths(cfg, run)
+    last = max(planned, default=0)
+    logged = {r["batch_id"]: r["n_items"] for r in read_table(spark, paths.backfill_log)
+              .where(F.col("batch_id") > last).select("batch_id", "n_items").collect()}
+    if not is_delta_table(spark, paths.backfill_plan):
+        return logged
+    waiting = queued_items(spark, paths).count()
+    if waiting:
+        logged[max([last, *logged]) + 1] = min(waiting, extra_batch_size(planned, batching))
+    return logged
+
+
+def extra_batch_size(planned: dict[int, int], batching: dict) -> int:
+    if batching.get("batch_size"):
+        return int(batching["batch_size"])
+    sizes = [n for n in planned.values() if n]
+    return max(1, max(sizes, default=1))
+
+
+def absorb_queued(spark: SparkSession, cfg: Config, run: str, batch_id: int,
+                  planned: dict[int, int], batching: dict, ranked_batches: int) -> int:
+    """Before batch `batch_id` reads its input: move the queued items that rank into it (score
+    at least its planned items' lowest; after the ranked plan, the best `batch_size`) into its
+    partition of `gallery_features`. One commit, retried on conflicts; returns how many."""
+    from delta.tables import DeltaTable
+
+    paths = table_paths(cfg, run)
+    queue = queued_items(spark, paths)
+    if not queue.limit(1).count():
+        return 0
+    if batch_id <= ranked_batches:
+        floor = (read_table(spark, paths.backfill_plan)
+                 .where((F.col("batch_id") == batch_id) & F.col("rank").isNotNull())
+                 .agg(F.min("score").alias("s")).first()["s"])
+        if floor is None and batch_id < ranked_batches:
+            return 0
+        chosen = queue if floor is None else queue.where(F.col("score") >= floor)
+    else:
+        chosen = queue.orderBy(F.desc("score"), "id").limit(extra_batch_size(planned, batching))
+    chosen = chosen.select("id").persist()
+    try:
+        if not chosen.limit(1).count():
+            return 0
+
+        def write():
+            with tagged(spark, {ABSORB_TAG: batch_id, "run": run}):
+                return (DeltaTable.forPath(spark, paths.gallery_features).alias("f")
+                        .merge(chosen.alias("s"),
+                               f"f.planned_batch_id = {QUEUE_BATCH} AND f.id = s.id")
+                        .whenMatchedUpdate(condition="f.source = 'transformed'",
+                                           set={"planned_batch_id": F.lit(batch_id)})
+                        .execute())
+        n = _merge_counts(retry_conflicts(
+            write, f"backfill {run} batch {batch_id}: taking queued items",
+            _attempts(cfg)))["updated"]
+    finally:
+        chosen.unpersist()
+    log.info("backfill %s batch %d: took %d item(s) a sync queued", run, batch_id, n)
+    return n
+
+
+def batch_input(spark: SparkSession, paths, batch_id: int, image_col: str
+                ) -> tuple[DataFrame, int]:
+    """(the items batch `batch_id` embeds [id, image], the gallery_features version read): the
+    plan rows of its partition (and of the queue, for items moved into it) whose features row
+    is still `transformed` in its partition. An item a sync made `new`, re-queued or deleted
+    is not embedded."""
+    version = latest_version(spark, paths.gallery_features)
+    pending = (read_table(spark, paths.gallery_features, version=version)
+               .where((F.col("planned_batch_id") == batch_id)
+                      & (F.col("source") == "transformed")).select("id"))
+    plan = (read_table(spark, paths.backfill_plan)
+            .where(F.col("batch_id").isin(batch_id, QUEUE_BATCH)).select("id", image_col))
+    return plan.join(pending, "id", "left_semi"), version
+
+
+def merged_expected(spark: SparkSession, paths, batch_id: int, good: DataFrame, n_good: int,
+                    read_version: int | None, input_version: int) -> int:
+    """How many of a batch's embedded items its MERGE had to update: all of them, unless a
+    commit (a sync) came between the input read and the MERGE's snapshot; then those still
+    `transformed` in the batch's partition at that snapshot."""
+    if read_version is None or read_version == input_version:
+        return n_good
+    return (read_table(spark, paths.gallery_features, version=read_version)
+            .where((F.col("planned_batch_id") == batch_id) & (F.col("source") == "transformed"))
+            .select("id").join(good.select("id"), "id", "left_semi").count())
+
+
+# ----------------------------------------------------------------------------- the job
+def runs_to_sync(spark: SparkSession, cfg: Config, policy: str | None) -> list[str]:
+    """`<run_name>_<policy>` for `policy`, or for every policy of backfill.policies and
+    backfill.policy whose run is ranked."""
+    from fastfill_udfs.spark.delta_io import run_id_for
+    from fastfill_udfs.spark.rank import is_ranked
+
+    if policy:
+        return [run_id_for(cfg, policy)]
+    policies = list(dict.fromkeys([*cfg.get_path("backfill.policies"),
+                                   cfg.get_path("backfill.policy")]))
+    return [run_id_for(cfg, p) for p in policies if is_ranked(spark, cfg, run_id_for(cfg, p))]
+
+
+def sync_gallery(spark: SparkSession, cfg: Config, *, new_model: ModelRef, h: ModelRef,
+                 policy: str | None = None, mode: str | None = None) -> dict:
+    """Sync the gallery with the source, then the runs (`policy`'s, or every ranked one of
+    run_name). Holds the gallery lease throughout. Returns {"gallery": ..., "runs": [...]}."""
+    mode = mode or cfg.get_path("sync.mode")
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync.mode must be one of {SYNC_MODES}, got {mode!r}")
+    with GalleryLease(spark, gallery_lease_path(cfg), "gallery",
+                      cfg.get_path("backfill.lease_timeout_s")):
+        gallery = sync_source(spark, cfg)
+        runs = [sync_run(spark, cfg, run, new_model=new_model, h=h,
+                         sync_id=gallery["sync_id"], mode=mode)
+                for run in runs_to_sync(spark, cfg, policy)]
+    _log_to_mlflow(spark, cfg, runs)
+    return {"gallery": gallery, "runs": runs}
+
+
+def _log_to_mlflow(spark: SparkSession, cfg: Config, runs: list[dict]) -> None:
+    """Tag each synced run's MLflow run (when it has one) with what the syncs did so far."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from fastfill_udfs.spark.evaluate import ranking_id
+        from fastfill_udfs.tracking import configure_mlflow, find_backfill_run
+
+        exp = configure_mlflow(cfg)
+        client = MlflowClient()
+        for r in runs:
+            if r.get("skipped"):
+                continue
+            found = find_backfill_run(client, exp, r["run"], ranking_id(spark, cfg, r["run"]))
+            if found is None:
+                continue
+            totals = read_table(spark, sync_log_path(cfg, r["run"])).agg(
+                *[F.sum(f"n_{k}").alias(k) for k in ("added", "changed", "deleted")]).first()
+            client.set_tag(found.info.run_id, "fastfill.synced",
+                           f"+{totals['added']} added, {totals['changed']} changed, "
+                           f"-{totals['deleted']} deleted (gallery version "
+                           f"{r['gallery_version']})")
+    except Exception as exc:  # the record is in Delta; MLflow only mirrors it
+        log.warning("sync: could not tag the MLflow runs: %s", exc)
+
+
+def source_marker(spark: SparkSession, cfg: Config) -> dict:
+    """What `ingest` records in the gallery's commit so the first sync can read the source's
+    Change Data Feed from there: the source table and (Delta) its version, read before the
+    copy (a later version would hide changes; an earlier one only repeats some)."""
+    if cfg.get_path("data.dataset") != "gallery_table":
+        return {}
+    path, is_delta = _source_table(spark, cfg)
+    return {"source_table": path,
+            "source_version": latest_version(spark, path) if is_delta else None}
+
+
+def sync_job(cfg: Config, *, policy: str | None = None, mode: str | None = None,
+             master: str | None = None, out=print) -> dict:
+    """What pipelines/sync_gallery.py and notebooks/07_sync_gallery.py run: the session, the
+    run's models, `sync_gallery`; prints the method used and the counts."""
+    from fastfill_udfs.model_loading import load_configured_model
+    from fastfill_udfs.spark.session import get_spark
+
+    spark = get_spark(cfg["spark"], master=master)
+    result = sync_gallery(spark, cfg, new_model=load_configured_model(cfg, "new"),
+                          h=load_configured_model(cfg, "h"), policy=policy, mode=mode)
+    g = result["gallery"]
+    out(f"sync {g['sync_id']}: source read by {g['method']} ({g['why'] or 'Change Data Feed'}); "
+        f"gallery {g['n_before']} -> {g['n_after']} items (version {g['gallery_version']}): "
+        f"{g['inserted']} added, {g['updated']} updated ({g['content_changed']} with a new "
+        f"image or old embedding), {g['deleted']} deleted, {g['quarantined']} quarantined")
+    for r in result["runs"]:
+        if r.get("skipped"):
+            out(f"  run {r['run']}: {r['skipped']}")
+            continue
+        out(f"  run {r['run']}: {r['added']} added, {r['changed']} changed, {r['deleted']} "
+            f"deleted -> {r['new']} embedded by the new model, {r['transformed']} by h "
+            f"({r['queued']} queued), {r['quarantined']} quarantined; {r['gallery_features']} "
+            f"items (gallery_features version {r['features_version']})")
+    return result
