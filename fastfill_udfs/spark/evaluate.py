@@ -532,10 +532,12 @@ class BackfillTracker:
 
         client = MlflowClient()
         logged = client.get_run(self.run_id).data.metrics
-        if "mAP_auc" in logged and "top1_auc" in logged:  # already final: rerun changes nothing
+        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
+        # already final: a rerun changes nothing (unless a sync queued batches after the last)
+        if "mAP_auc" in logged and "top1_auc" in logged and max(
+                m.step for m in client.get_metric_history(self.run_id, "mAP_auc")) >= n_planned:
             return {"mAP_auc": logged["mAP_auc"], "top1_auc": logged["top1_auc"]}
         curve = curve_from_history(client, self.run_id)
-        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
         if len(curve) < n_planned + 1 or curve["backfill_fraction"].isna().any():
             log.info("evaluate %s: %d of %d steps logged; AUCs once the run completes",
                      self.run, len(curve), n_planned + 1)

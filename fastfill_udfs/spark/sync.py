@@ -28,7 +28,7 @@ never brings a deleted row back; the queued items are moved into a batch by the 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pyspark import StorageLevel
@@ -43,7 +43,7 @@ from fastfill_udfs.spark.delta_io import (TableNotFoundError, commit_metadata, i
 from fastfill_udfs.spark.lease import RunLease, retry_conflicts
 from fastfill_udfs.spark.sync_history import (ABSORB_TAG, ARRIVED_BATCH, QUEUE_BATCH, SYNC_TAG,
                                               moved_by_syncs_only)
-from fastfill_udfs.spark.validation import ReconciliationError
+from fastfill_udfs.spark.validation import ReconciliationError, reconcile
 
 log = logging.getLogger(__name__)
 SYNC_MODES = ("embed", "transform")
@@ -163,7 +163,7 @@ class SourceChanges:
     upserts: DataFrame                # conformed rows: inserts and updates
     gone: DataFrame | None            # DataFrame[id] the CDF says left (None: keyed)
     bad: DataFrame                    # DataFrame[id, reason] rows that fail the contract
-    cached: list = field(default_factory=list)
+    first_inserts: DataFrame | None = None   # CDF: ids whose first event is an insert
 
 
 def _source_table(spark: SparkSession, cfg: Config) -> tuple[str, bool]:
@@ -209,6 +209,7 @@ def source_changes(spark: SparkSession, cfg: Config, gallery_path: str) -> Sourc
             return SourceChanges("cdf", f"Change Data Feed, nothing after version {version}",
                                  version, rows, empty,
                                  spark.createDataFrame([], "id string, reason string"))
+
         try:
             feed = read_change_feed(spark, path, start, version)
         except ValueError as exc:
@@ -251,24 +252,25 @@ def _cdf_changes(spark, cfg, feed, columns, where, start, end, derive, conform) 
     inserted_first = first.where(F.col("_change_type") == "insert").select(
         F.col(f"`{key}`").cast("string").alias("id"))
     return SourceChanges("cdf", f"Change Data Feed, versions {start}..{end}", end,
-                         derive(rows, cfg), gone, bad, [inserted_first])
+                         derive(rows, cfg), gone, bad, inserted_first)
 
 
 @dataclass
 class GalleryDiff:
-    inserts: DataFrame
-    updates: DataFrame
-    deletes: DataFrame
+    """The MERGE source that brings `gallery` to the source (gallery columns + `_kind`:
+    insert | update | delete, `_content`: the old embedding or image changed) and its counts."""
+
+    rows: DataFrame
     counts: dict
 
 
 def diff_gallery(spark: SparkSession, gallery: DataFrame, changes: SourceChanges,
                  where: str) -> GalleryDiff:
-    """Inserts, updates (any column; `_content` says whether old embedding or image changed)
-    and deletes that bring `gallery` to the source. Raises ValueError for duplicated ids."""
+    """What brings `gallery` to the source: inserts, updates (any column) and deletes, as one
+    persisted DataFrame (unpersist `.rows` when done). Raises ValueError for duplicated ids."""
     from fastfill_udfs.spark.validation import check_unique_ids
 
-    cols = [c for c in gallery.columns]
+    cols = list(gallery.columns)
     image_col = _image_column(gallery)
     new_cols = [c for c in changes.upserts.columns if c not in cols]
     if new_cols:
@@ -281,8 +283,16 @@ def diff_gallery(spark: SparkSession, gallery: DataFrame, changes: SourceChanges
     up = changes.upserts.select(*[
         (F.col(f"`{c}`") if c in changes.upserts.columns else F.lit(None)).cast(types[c])
         .alias(c) for c in cols])
-    if changes.gone is None:
+    keyed = changes.gone is None
+    if keyed:
         check_unique_ids(up.select("id"), where)
+    elif changes.first_inserts is not None:
+        again = changes.first_inserts.join(gallery.select("id"), "id", "left_semi").join(
+            changes.gone, "id", "left_anti")
+        sample = [r["id"] for r in again.limit(5).collect()]
+        if sample:
+            raise ValueError(f"{where} inserted rows with ids the gallery already holds, e.g. "
+                             f"{sample}: duplicated ids (nothing was synced)")
 
     def hashed(df):
         return df.select("*", F.xxhash64(*[F.col(f"`{c}`") for c in cols if c != "id"],
@@ -291,26 +301,30 @@ def diff_gallery(spark: SparkSession, gallery: DataFrame, changes: SourceChanges
 
     g = hashed(gallery).select("id", F.col("_all").alias("_g_all"),
                                F.col("_content_h").alias("_g_content"))
-    a = hashed(up).join(g, "id", "left")
-    inserts = a.where("_g_all IS NULL").select(*cols)
-    updates = a.where("_g_all IS NOT NULL AND _all != _g_all").select(
-        *cols, (F.col("_content_h") != F.col("_g_content")).alias("_content"))
-    bad_ids = changes.bad.select("id")
-    if changes.gone is None:   # keyed: every gallery id the source no longer has (good)
+    upserts = (hashed(up).join(g, "id", "left")
+               .withColumn("_kind", F.when(F.col("_g_all").isNull(), "insert")
+                           .when(F.col("_all") != F.col("_g_all"), "update"))
+               .where("_kind IS NOT NULL")
+               .select(*cols, "_kind", F.coalesce(F.col("_content_h") != F.col("_g_content"),
+                                                  F.lit(True)).alias("_content")))
+    if keyed:   # every gallery id the source no longer has (as a good row)
         deletes = gallery.select("id").join(up.select("id"), "id", "left_anti")
     else:
-        deletes = (changes.gone.unionByName(bad_ids).distinct()
+        deletes = (changes.gone.unionByName(changes.bad.select("id")).distinct()
                    .join(gallery.select("id"), "id", "left_semi"))
-        again = changes.cached[0].join(gallery.select("id"), "id", "left_semi").join(
-            changes.gone, "id", "left_anti")
-        sample = [r["id"] for r in again.limit(5).collect()]
-        if sample:
-            raise ValueError(f"{where} inserted rows with ids the gallery already holds, e.g. "
-                             f"{sample}: duplicated ids (nothing was synced)")
-    inserts, updates, deletes = (inserts.persist(), updates.persist(), deletes.persist())
-    counts = {"inserted": inserts.count(), "updated": updates.count(),
-              "content_changed": updates.where("_content").count(), "deleted": deletes.count()}
-    return GalleryDiff(inserts, updates, deletes, counts)
+    deletes = deletes.select("id", *[F.lit(None).cast(types[c]).alias(c) for c in cols
+                                     if c != "id"], F.lit("delete").alias("_kind"),
+                             F.lit(True).alias("_content"))
+    rows = upserts.unionByName(deletes).persist()
+    found = {(r["_kind"], r["_content"]): r["count"]
+             for r in rows.groupBy("_kind", "_content").count().collect()}
+    counts = {"inserted": found.get(("insert", True), 0),
+              "updated": found.get(("update", True), 0) + found.get(("update", False), 0),
+              "content_changed": found.get(("update", True), 0),
+              "deleted": found.get(("delete", True), 0)}
+    if keyed:
+        counts["source_rows"] = up.count()
+    return GalleryDiff(rows, counts)
 
 
 def _ensure_change_feed(spark: SparkSession, path: str, sync_id: int) -> None:
@@ -347,35 +361,43 @@ def sync_source(spark: SparkSession, cfg: Config) -> dict:
         info = {"sync_id": sync_id, "method": changes.method, "why": changes.why,
                 "source_version": changes.source_version, **counts}
         moved = counts["inserted"] + counts["updated"] + counts["deleted"]
-        version = latest_version(spark, paths.gallery)
+        _ensure_change_feed(spark, paths.gallery, sync_id)
         if moved:
-            _ensure_change_feed(spark, paths.gallery, sync_id)
             version = _merge_gallery(spark, cfg, paths.gallery, diff, info)
-        elif changes.method == "cdf" and changes.source_version != previous.get(
-                "source_version") and changes.source_version is not None:
-            log.info("sync %d: the source moved to version %s with no net change", sync_id,
-                     changes.source_version)
+        else:   # still one tagged commit: the sync's id and the source version it read
+            version = _mark_gallery(spark, cfg, paths.gallery, info)
     finally:
-        for df in (diff.inserts, diff.updates, diff.deletes, *changes.cached):
-            df.unpersist()
+        diff.rows.unpersist()
+    if "source_rows" in counts:   # keyed: the gallery is the source's good rows, the rest bad
+        reconcile({"gallery": n_after, "source_good": counts["source_rows"]},
+                  [("gallery", "source_good")])
     log.info("sync %d: %s (%s); gallery %d -> %d items, version %d: %s", sync_id,
              changes.method, changes.why, n_before, n_after, version, counts)
-    return {**info, "n_before": n_before, "n_after": n_after, "gallery_version": version,
-            "committed": bool(moved)}
+    return {**info, "n_before": n_before, "n_after": n_after, "gallery_version": version}
+
+
+def _sync_meta(cfg: Config, info: dict) -> dict:
+    return {SYNC_TAG: info["sync_id"], "source_table": cfg.resolve_path("data.gallery_table"),
+            **{k: info[k] for k in ("method", "why", "source_version", "inserted", "updated",
+                                    "content_changed", "deleted", "quarantined")}}
+
+
+def _mark_gallery(spark, cfg, path: str, info: dict) -> int:
+    """A sync with nothing to change still leaves one tagged commit on `gallery` (a table
+    property naming it): the next sync reads the source from the version this one read, and
+    every sync has its own gallery version and id."""
+    with tagged(spark, _sync_meta(cfg, info)):
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
+                  f"('fastfill.last_sync' = '{int(info['sync_id'])}')")
+    return latest_version(spark, path)
 
 
 def _merge_gallery(spark, cfg, path: str, diff: GalleryDiff, info: dict) -> int:
     from delta.tables import DeltaTable
 
-    cols = [c for c in diff.inserts.columns]
-    src = (diff.inserts.withColumn("_kind", F.lit("insert"))
-           .unionByName(diff.updates.drop("_content").withColumn("_kind", F.lit("update")))
-           .unionByName(diff.deletes.select("id", *[F.lit(None).cast(t).alias(c) for c, t in
-                                                   diff.inserts.dtypes if c != "id"])
-                        .withColumn("_kind", F.lit("delete"))))
-    meta = {SYNC_TAG: info["sync_id"], "source_table": cfg.resolve_path("data.gallery_table"),
-            **{k: info[k] for k in ("method", "why", "source_version", "inserted", "updated",
-                                    "content_changed", "deleted", "quarantined")}}
+    cols = [c for c in diff.rows.columns if c not in ("_kind", "_content")]
+    src = diff.rows
+    meta = _sync_meta(cfg, info)
 
     def write():
         with tagged(spark, meta):
@@ -411,8 +433,9 @@ def run_gallery_version(spark: SparkSession, cfg: Config, run: str, meta: dict) 
 
 def gallery_changes(spark: SparkSession, gallery_path: str, since: int, upto: int
                     ) -> tuple[DataFrame, DataFrame, str]:
-    """(puts [id, old_embedding, image], deletes [id], method) between two versions of
-    `gallery`: items added or whose old embedding or image changed, items removed. From the
+    """(puts [id, old_embedding, image, _added], deletes [id], method) between two versions
+    of `gallery`: items added (`_added`) or whose old embedding or image changed, items
+    removed. From the
     gallery's Change Data Feed when it covers the range, else a keyed comparison of the two
     versions (Delta time travel)."""
     now = read_table(spark, gallery_path, version=upto)
@@ -425,7 +448,7 @@ def gallery_changes(spark: SparkSession, gallery_path: str, since: int, upto: in
             "id", _content_hash(image_col).alias("_b"))
         after = now.select("id", "old_embedding", image_col, _content_hash(image_col).alias("_a"))
         puts = after.join(before, "id", "left").where("_b IS NULL OR _a != _b").select(
-            "id", "old_embedding", image_col)
+            "id", "old_embedding", image_col, F.col("_b").isNull().alias("_added"))
         deletes = before.select("id").join(after.select("id"), "id", "left_anti")
         return puts, deletes, "keyed"
     feed = feed.withColumn("_h", _content_hash(image_col))
@@ -436,7 +459,7 @@ def gallery_changes(spark: SparkSession, gallery_path: str, since: int, upto: in
     a = last.join(b, "id")
     puts = a.where(F.col("_change_type").isin(*after_types)
                    & (F.col("_b").isNull() | (F.col("_h") != F.col("_b")))).select(
-        "id", "old_embedding", image_col)
+        "id", "old_embedding", image_col, F.col("_b").isNull().alias("_added"))
     deletes = a.where(~F.col("_change_type").isin(*after_types) & F.col("_b").isNotNull()) \
         .select("id")
     return puts, deletes, "cdf"
@@ -478,31 +501,34 @@ def _features_rows(df: DataFrame, vector: str, source: str, batch_id, model_vers
 
 @dataclass
 class RunPlan:
-    """What one sync does to one run."""
+    """What one sync does to one run: `rows` (persisted) the MERGE source for
+    `gallery_features`, its columns and `_k`: `new` (becomes new, partition 0), `put` (becomes
+    transformed: partition 0, or -1 when queued) or `drop` (leaves the run); `queued` the plan
+    rows queued by score; `quarantine` [id, reason]; `counts`."""
 
-    to_new: DataFrame          # features rows that become `new` (partition 0)
-    to_transformed: DataFrame  # features rows that become `transformed` (partition 0 or -1)
-    queued: DataFrame          # plan rows queued by score (partition -1)
-    remove: DataFrame          # ids that leave the run
-    quarantine: DataFrame      # [id, reason]
+    rows: DataFrame
+    queued: DataFrame
+    quarantine: DataFrame
     counts: dict
+
+
+FEATURES_COLUMNS = ("id", "embedding", "source", "batch_id", "updated_at", "model_version",
+                    "planned_batch_id")
 
 
 def _run_changes(spark, cfg: Config, run: str, meta: dict, puts: DataFrame, deletes: DataFrame,
                  new_model: ModelRef, h: ModelRef, mode: str) -> tuple[RunPlan, list]:
     from fastfill_udfs.spark.ingest import embed_images
 
-    paths = table_paths(cfg, run)
     image_col = meta.get("image_column", _image_column(puts))
+    image_type = dict(puts.dtypes)[image_col]
     cached = []
-    in_run = read_table(spark, paths.gallery_features).select("id")
-    n_put = puts.count()
-    n_changed = puts.join(in_run, "id", "left_semi").count() if n_put else 0
-    empty_bad = spark.createDataFrame([], "id string, reason string")
+    no_rows = spark.createDataFrame([], "id string, reason string")
+    queued = spark.createDataFrame([], f"id string, score double, rank long, batch_id int, "
+                                       f"{image_col} {image_type}")
     if mode == "embed":
-        items = puts.select("id", image_col)
-        missing = empty_bad
-        if image_col == "image_uri" and n_put:
+        items, missing = puts.select("id", image_col), no_rows
+        if image_col == "image_uri":
             from fastfill_udfs.spark.images import attach_images
 
             items, missing = attach_images(spark, items, cfg.get_path("data.image_root"))
@@ -510,47 +536,51 @@ def _run_changes(spark, cfg: Config, run: str, meta: dict, puts: DataFrame, dele
             StorageLevel.MEMORY_AND_DISK)
         cached.append(embedded)
         failed = missing.unionByName(embedded.where("reason IS NOT NULL").select("id", "reason"))
-        failed = failed.persist()
-        cached.append(failed)
-        to_new = _features_rows(embedded.where("reason IS NULL"), "embedding", "new",
+        parts = [_features_rows(embedded.where("reason IS NULL"), "embedding", "new",
                                 ARRIVED_BATCH, new_model.version, ARRIVED_BATCH)
-        fallback = _transform(spark, h, puts.join(failed.select("id"), "id", "left_semi"),
-                              image_col, None, 0).persist()
-        cached.append(fallback)
-        to_transformed = _features_rows(fallback.where("reason IS NULL"), "transformed",
+                 .withColumn("_k", F.lit("new"))]
+        quarantine, h_bad = no_rows, no_rows
+        if failed.limit(1).count():   # an image that cannot be embedded now: h(old) for now
+            fallback = _transform(spark, h, puts.join(failed.select("id"), "id", "left_semi"),
+                                  image_col, None, 0).persist()
+            cached.append(fallback)
+            parts.append(_features_rows(fallback.where("reason IS NULL"), "transformed",
                                         "transformed", None, h.version, ARRIVED_BATCH)
-        queued = spark.createDataFrame([], f"id string, score double, rank long, batch_id int, "
-                                           f"{image_col} {dict(puts.dtypes)[image_col]}")
-        h_bad = fallback.where("reason IS NOT NULL").select("id", "reason")
-        quarantine = (failed.join(h_bad.select("id"), "id", "left_anti")
-                      .select("id", F.concat(F.col("reason"), F.lit(
-                          "; searchable by h(old) until its image is fixed")).alias("reason"))
-                      .unionByName(h_bad.join(failed.withColumnRenamed("reason", "_img"), "id")
-                                   .select("id", F.concat(F.col("_img"), F.lit("; and "),
-                                                          F.col("reason")).alias("reason"))))
-        remove = deletes.unionByName(h_bad.select("id")).distinct()
+                         .withColumn("_k", F.lit("put")))
+            h_bad = fallback.where("reason IS NOT NULL").select("id", "reason")
+            quarantine = (failed.join(h_bad.select("id"), "id", "left_anti").select(
+                "id", F.concat("reason", F.lit("; searchable by h(old) until its image is "
+                                               "fixed")).alias("reason"))
+                .unionByName(h_bad.join(failed.withColumnRenamed("reason", "_img"), "id")
+                             .select("id", F.concat("_img", F.lit("; and "), "reason")
+                                     .alias("reason"))))
     else:
         scored = _transform(spark, h, puts, image_col, meta.get("policy", "uncertainty"),
                             cfg.get_path("seed")).persist()
         cached.append(scored)
         good = scored.where("reason IS NULL")
-        to_new = _features_rows(spark.createDataFrame([], "id string, e array<float>"), "e",
-                                "new", ARRIVED_BATCH, new_model.version, ARRIVED_BATCH)
-        to_transformed = _features_rows(good, "transformed", "transformed", None, h.version,
-                                        QUEUE_BATCH)
+        parts = [_features_rows(good, "transformed", "transformed", None, h.version,
+                                QUEUE_BATCH).withColumn("_k", F.lit("put"))]
         queued = good.select("id", "score", F.lit(None).cast("long").alias("rank"),
                              F.lit(QUEUE_BATCH).alias("batch_id"), image_col)
-        quarantine = scored.where("reason IS NOT NULL").select("id", "reason")
-        remove = deletes.unionByName(quarantine.select("id")).distinct()
-    to_new, to_transformed, remove, quarantine = (
-        df.persist() for df in (to_new, to_transformed, remove, quarantine))
-    cached += [to_new, to_transformed, remove, quarantine]
-    counts = {"added": n_put - n_changed, "changed": n_changed,
-              "deleted": deletes.join(in_run, "id", "left_semi").count(),
-              "new": to_new.count(), "transformed": to_transformed.count(),
-              "queued": to_transformed.count() if mode == "transform" else 0,
-              "quarantined": quarantine.count()}
-    return RunPlan(to_new, to_transformed, queued, remove, quarantine, counts), cached
+        h_bad = quarantine = scored.where("reason IS NOT NULL").select("id", "reason")
+    drop = deletes.select("id").unionByName(h_bad.select("id")).distinct()
+    parts.append(drop.select("id", *[F.lit(None).cast(t).alias(c) for c, t in parts[0].dtypes
+                                     if c not in ("id", "_k")], F.lit("drop").alias("_k")))
+    rows = parts[0]
+    for part in parts[1:]:
+        rows = rows.unionByName(part)
+    rows, quarantine = rows.persist(), quarantine.persist()
+    cached += [rows, quarantine]
+    by_kind = {r["_k"]: r["count"] for r in rows.groupBy("_k").count().collect()}
+    by_put = {r["_added"]: r["count"] for r in puts.groupBy("_added").count().collect()}
+    # relative to the gallery the run followed, so a rerun after a kill counts the same
+    counts = {"added": by_put.get(True, 0), "changed": by_put.get(False, 0),
+              "deleted": deletes.count(), "new": by_kind.get("new", 0),
+              "transformed": by_kind.get("put", 0),
+              "queued": by_kind.get("put", 0) if mode == "transform" else 0,
+              "quarantined": quarantine.count(), "_drop": by_kind.get("drop", 0)}
+    return RunPlan(rows, queued, quarantine, counts), cached
 
 
 def _write_plan(spark, cfg, paths, plan: RunPlan, meta: dict, image_col: str) -> None:
@@ -558,17 +588,13 @@ def _write_plan(spark, cfg, paths, plan: RunPlan, meta: dict, image_col: str) ->
     queued ones; a batch that reads its input afterwards no longer embeds them."""
     from delta.tables import DeltaTable
 
-    leave = (plan.remove.unionByName(plan.to_new.select("id"))
-             .unionByName(plan.to_transformed.select("id")).distinct()
-             .join(plan.queued.select("id"), "id", "left_anti"))
+    leave = plan.rows.select("id").join(plan.queued.select("id"), "id", "left_anti")
     image_type = dict(plan.queued.dtypes)[image_col]
     src = (leave.select("id", F.lit(None).cast("double").alias("score"),
                         F.lit(None).cast("long").alias("rank"),
                         F.lit(None).cast("int").alias("batch_id"),
                         F.lit(None).cast(image_type).alias(image_col), F.lit("drop").alias("_k"))
            .unionByName(plan.queued.withColumn("_k", F.lit("queue"))))
-    if not src.limit(1).count():
-        return
 
     def write():
         with tagged(spark, meta):
@@ -587,81 +613,91 @@ def _write_plan(spark, cfg, paths, plan: RunPlan, meta: dict, image_col: str) ->
 
 
 def _write_features(spark, cfg, paths, plan: RunPlan, meta: dict) -> int:
-    """Four conditioned MERGEs, those on `transformed` rows first: a concurrent batch can only
-    turn `transformed` rows into `new`, never back, so after them the MERGEs on `new` rows
-    see every row they must. Each commit records how it moves the count of `new` rows.
-    Returns the net change of `new` rows."""
+    """Conditioned MERGEs, those on `transformed` rows first: a concurrent batch can only turn
+    `transformed` rows into `new`, never back, so after them the MERGEs on `new` rows see
+    every row they must. Each commit records which of its operation metrics count rows that
+    became `new` (+) or stopped being `new` (-), so the net is exact whatever a batch did
+    meanwhile (`sync_history.Commit.new_delta`). Returns that net."""
     from delta.tables import DeltaTable
 
-    cols = ["id", "embedding", "source", "batch_id", "updated_at", "model_version",
-            "planned_batch_id"]
-    setall = {c: f"s.{c}" for c in cols if c != "id"}
-    values = {c: f"s.{c}" for c in cols}
-    put = plan.to_transformed.withColumn("_k", F.lit("put"))
-    drop = plan.remove.select("id", *[F.lit(None).cast(t).alias(c) for c, t in
-                                      plan.to_transformed.dtypes if c != "id"]) \
-        .withColumn("_k", F.lit("drop"))
-    moves = put.unionByName(drop)
-    same_new = ("s.embedding <=> f.embedding AND f.planned_batch_id <=> s.planned_batch_id "
-                "AND f.model_version <=> s.model_version")
-    steps = [
-        ("arrive_new", plan.to_new, 1, lambda m: m
+    setall = {c: f"s.{c}" for c in FEATURES_COLUMNS if c != "id"}
+    values = {c: f"s.{c}" for c in FEATURES_COLUMNS}
+    same = ("s.embedding <=> f.embedding AND f.planned_batch_id <=> s.planned_batch_id "
+            "AND f.model_version <=> s.model_version")
+    n = plan.counts
+    new_or_drop = plan.rows.where("_k != 'put'")
+    put = plan.rows.where("_k = 'put'")
+    steps = [   # (step, source, how many rows in it, sign, metrics counted, clauses)
+        ("arrive", new_or_drop, n["new"] + n["_drop"], 1,
+         ["numTargetRowsUpdated", "numTargetRowsInserted"], lambda m: m
+         .whenMatchedUpdate(condition="f.source = 'transformed' AND s._k = 'new'", set=setall)
+         .whenNotMatchedInsert(condition="s._k = 'new'", values=values)
+         .whenMatchedDelete(condition="f.source = 'transformed' AND s._k = 'drop'")),
+        ("arrive_transformed", put, n["transformed"], 0, [], lambda m: m
          .whenMatchedUpdate(condition="f.source = 'transformed'", set=setall)
          .whenNotMatchedInsert(values=values)),
-        ("arrive_transformed", moves, 0, lambda m: m
-         .whenMatchedDelete(condition="f.source = 'transformed' AND s._k = 'drop'")
-         .whenMatchedUpdate(condition="f.source = 'transformed' AND s._k = 'put'", set=setall)
-         .whenNotMatchedInsert(condition="s._k = 'put'", values=values)),
-        ("refresh_new", plan.to_new, 0, lambda m: m
-         .whenMatchedUpdate(condition=f"f.source = 'new' AND NOT ({same_new})", set=setall)),
-        ("leave_new", moves, -1, lambda m: m
-         .whenMatchedDelete(condition="f.source = 'new' AND s._k = 'drop'")
-         .whenMatchedUpdate(condition="f.source = 'new' AND s._k = 'put'", set=setall)),
+        ("leave", new_or_drop, n["new"] + n["_drop"], -1, ["numTargetRowsDeleted"], lambda m: m
+         .whenMatchedUpdate(condition=f"f.source = 'new' AND s._k = 'new' AND NOT ({same})",
+                            set=setall)
+         .whenMatchedDelete(condition="f.source = 'new' AND s._k = 'drop'")),
+        ("leave_new", put, n["transformed"], -1, ["numTargetRowsUpdated"], lambda m: m
+         .whenMatchedUpdate(condition="f.source = 'new'", set=setall)),
     ]
     delta = 0
-    for step, src, sign, clauses in steps:
-        if not src.limit(1).count():
+    for step, src, size, sign, counted, clauses in steps:
+        if not size:
             continue
 
-        def write(src=src, clauses=clauses, step=step, sign=sign):
-            with tagged(spark, {**meta, "step": step, "new_sign": sign}):
+        def write(src=src, clauses=clauses, step=step, sign=sign, counted=counted):
+            with tagged(spark, {**meta, "step": step, "new_sign": sign, "new_counts": counted}):
                 merge = DeltaTable.forPath(spark, paths.gallery_features).alias("f").merge(
                     src.alias("s"), "f.id = s.id")
                 return clauses(merge).execute()
         got = _merge_counts(retry_conflicts(
             write, f"sync {meta[SYNC_TAG]}: {step} MERGE into {paths.gallery_features}",
             _attempts(cfg)))
-        delta += sign * (got["updated"] + got["inserted"] + got["deleted"])
+        names = {"numTargetRowsUpdated": "updated", "numTargetRowsInserted": "inserted",
+                 "numTargetRowsDeleted": "deleted"}
+        delta += sign * sum(got[names[c]] for c in counted)
     return delta
 
 
 def check_run(spark: SparkSession, cfg: Config, run: str, gallery_version: int) -> dict:
     """The run against the gallery it was synced to: every gallery item has exactly one row in
     `gallery_features` or is quarantined for the run, no row and no plan row is of an item
-    that left the gallery. Raises ReconciliationError naming a few ids."""
+    that left the gallery. One pass over the ids; raises ReconciliationError naming a few."""
     paths = table_paths(cfg, run)
-    gallery = read_table(spark, paths.gallery, version=gallery_version).select("id")
-    feats = read_table(spark, paths.gallery_features).select("id")
-    plan = read_table(spark, paths.backfill_plan).select("id")
-    quarantined = (read_table(spark, paths.quarantine)
-                   .where((F.col("run") == run) & F.col("stage").isin("rank", "sync"))
-                   .select("id").distinct())
-    problems = []
-    for what, df in [
-            ("ids with more than one row in gallery_features",
-             feats.groupBy("id").count().where("count > 1").select("id")),
-            ("rows in gallery_features of items no longer in the gallery",
-             feats.join(gallery, "id", "left_anti")),
-            ("plan rows of items no longer in the gallery", plan.join(gallery, "id", "left_anti")),
-            ("gallery items with no row in gallery_features and no quarantine entry",
-             gallery.join(feats, "id", "left_anti").join(quarantined, "id", "left_anti"))]:
-        sample = [r["id"] for r in df.limit(5).collect()]
-        if sample:
-            problems.append(f"{what}, e.g. {sample}")
-    if problems:
-        raise ReconciliationError(f"run '{run}' after syncing to gallery version "
-                                  f"{gallery_version}: " + "; ".join(problems))
-    return {"gallery": gallery.count(), "gallery_features": feats.count()}
+    ids = (read_table(spark, paths.gallery, version=gallery_version).select(
+               "id", F.lit(1).alias("g"))
+           .join(read_table(spark, paths.gallery_features).groupBy("id").agg(
+               F.count(F.lit(1)).alias("f")), "id", "full")
+           .join(read_table(spark, paths.backfill_plan).select("id", F.lit(1).alias("p")),
+                 "id", "left")
+           .join(read_table(spark, paths.quarantine)
+                 .where((F.col("run") == run) & F.col("stage").isin("rank", "sync"))
+                 .select("id", F.lit(1).alias("q")).distinct(), "id", "left"))
+    problem = (F.when(F.col("f") > 1, "ids with more than one row in gallery_features")
+               .when(F.col("g").isNull() & F.col("f").isNotNull(),
+                     "rows in gallery_features of items no longer in the gallery")
+               .when(F.col("g").isNull() & F.col("p").isNotNull(),
+                     "plan rows of items no longer in the gallery")
+               .when(F.col("g").isNotNull() & F.col("f").isNull() & F.col("q").isNull(),
+                     "gallery items with no row in gallery_features and no quarantine entry"))
+    found = ids.select("id", "g", "f", problem.alias("problem")).persist()
+    try:
+        bad = found.where("problem IS NOT NULL").limit(20).collect()
+        totals = found.agg(F.sum("g").alias("gallery"), F.sum("f").alias("features")).first()
+    finally:
+        found.unpersist()
+    if bad:
+        kinds: dict[str, list] = {}
+        for r in bad:
+            kinds.setdefault(r["problem"], []).append(r["id"])
+        raise ReconciliationError(
+            f"run '{run}' after syncing to gallery version {gallery_version}: "
+            + "; ".join(f"{k}, e.g. {v[:5]}" for k, v in kinds.items()))
+    return {"gallery": int(totals["gallery"] or 0),
+            "gallery_features": int(totals["features"] or 0)}
 
 
 def sync_run(spark: SparkSession, cfg: Config, run: str, *, new_model: ModelRef, h: ModelRef,
@@ -693,35 +729,34 @@ def sync_run(spark: SparkSession, cfg: Config, run: str, *, new_model: ModelRef,
     puts, deletes, method = gallery_changes(spark, paths.gallery, since, upto)
     puts, deletes = puts.persist(), deletes.persist()
     cached = [puts, deletes]
+    counts = dict.fromkeys(("added", "changed", "deleted", "new", "transformed", "queued",
+                            "quarantined"), 0)
+    new_delta, checked = 0, {}
     try:
-        plan, more = _run_changes(spark, cfg, run, meta, puts, deletes, new_model, h, mode)
-        cached += more
-        counts = plan.counts
-        if counts["quarantined"] or quarantine_count(spark, paths.quarantine, "sync", run,
-                                                     sync_id):
-            write_quarantine(spark, paths.quarantine, plan.quarantine, stage="sync", run=run,
-                             batch_id=sync_id)
-        meta_tag = {SYNC_TAG: sync_id, "run": run, "gallery_version": upto, "mode": mode,
-                    "run_counts": counts}
-        image_col = meta.get("image_column", _image_column(puts))
-        _write_plan(spark, cfg, paths, plan, meta_tag, image_col)
-        new_delta = _write_features(spark, cfg, paths, plan, meta_tag)
+        if puts.limit(1).count() or deletes.limit(1).count():
+            plan, more = _run_changes(spark, cfg, run, meta, puts, deletes, new_model, h, mode)
+            cached += more
+            counts = {k: v for k, v in plan.counts.items() if k != "_drop"}
+            if counts["quarantined"] or quarantine_count(spark, paths.quarantine, "sync", run,
+                                                         sync_id):
+                write_quarantine(spark, paths.quarantine, plan.quarantine, stage="sync",
+                                 run=run, batch_id=sync_id)
+            meta_tag = {SYNC_TAG: sync_id, "run": run, "gallery_version": upto, "mode": mode,
+                        "run_counts": counts}
+            image_col = meta.get("image_column", _image_column(puts))
+            _write_plan(spark, cfg, paths, plan, meta_tag, image_col)
+            new_delta = _write_features(spark, cfg, paths, plan, meta_tag)
     finally:
         for df in cached:
             df.unpersist()
+    if any(counts.values()):
+        checked = check_run(spark, cfg, run, upto)
     fver = latest_version(spark, paths.gallery_features)
-    checked = check_run(spark, cfg, run, upto)
     row = spark.createDataFrame([(
         sync_id, upto, fver, method, counts["added"], counts["changed"], counts["deleted"],
         counts["new"], counts["transformed"], counts["queued"], counts["quarantined"],
         new_delta, started, datetime.now(timezone.utc))], SYNC_LOG_SCHEMA)
-    log_path = sync_log_path(cfg, run)
-    if not is_delta_table(spark, log_path):
-        write_table(spark.createDataFrame([], SYNC_LOG_SCHEMA), log_path)
-    from delta.tables import DeltaTable
-
-    (DeltaTable.forPath(spark, log_path).alias("l").merge(row.alias("n"), "l.sync_id = n.sync_id")
-     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+    write_table(row, sync_log_path(cfg, run), mode="append")   # each sync has its own id
     out = {"run": run, "method": method, "gallery_version": upto, "features_version": fver,
            "new_delta": new_delta, **counts, **checked}
     log.info("sync %d -> run %s (%s, gallery v%d -> v%d): %s", sync_id, run, mode, since, upto,
@@ -921,6 +956,6 @@ def sync_job(cfg: Config, *, policy: str | None = None, mode: str | None = None,
             continue
         out(f"  run {r['run']}: {r['added']} added, {r['changed']} changed, {r['deleted']} "
             f"deleted -> {r['new']} embedded by the new model, {r['transformed']} by h "
-            f"({r['queued']} queued), {r['quarantined']} quarantined; {r['gallery_features']} "
-            f"items (gallery_features version {r['features_version']})")
+            f"({r['queued']} queued), {r['quarantined']} quarantined (gallery version "
+            f"{r['gallery_version']}, gallery_features version {r['features_version']})")
     return result

@@ -5,9 +5,9 @@ the jobs that must accept a gallery moved by syncs (`rank.check_ranking_current`
 A sync tags every commit it makes (on `gallery`, and on a run's `gallery_features` and
 `backfill_plan`) with `{"fastfill_sync": <sync id>, ...}` in the commit's user metadata. On
 `gallery_features` each tagged commit also says which gallery version it brings the run to
-(`gallery_version`) and how it moves the count of `new` rows (`new_sign`: the commit only turns
-rows into `new` (+1), only out of `new` (-1), or leaves their number alone (0); times the rows
-it touched, from the commit's own operation metrics). That keeps the evaluation's
+(`gallery_version`) and how it moves the count of `new` rows: `new_sign` (+1: the rows counted
+became `new`, -1: they stopped being `new`, 0: no change) and `new_counts`, the names of the
+commit's own operation metrics that count those rows. That keeps the evaluation's
 reconciliation exact without another table: rows `new` at version v = h's pairs + items merged
 by batches 1..k (backfill_log) + the net of the sync commits up to v.
 
@@ -45,9 +45,9 @@ class Commit:
         sign = int(self.meta.get("new_sign", 0) or 0) if self.sync_id is not None else 0
         if not sign:
             return 0
-        touched = sum(int(self.metrics.get(k, 0) or 0) for k in (
-            "numTargetRowsUpdated", "numTargetRowsInserted", "numTargetRowsDeleted"))
-        return sign * touched
+        counted = self.meta.get("new_counts") or ("numTargetRowsUpdated",
+                                                  "numTargetRowsInserted", "numTargetRowsDeleted")
+        return sign * sum(int(self.metrics.get(k, 0) or 0) for k in counted)
 
 
 def history_since(spark: SparkSession, path: str, since_version: int) -> list[Commit]:
@@ -108,7 +108,7 @@ class SyncedHistory:
         self.sync_log_path = sync_log_path
         self.commits: list[Commit] = []
         self.read_upto = -1
-        self.logged: list[tuple[int, int]] = []     # (features_version, gallery_version)
+        self.logged: list[dict] = []     # sync_log rows: the syncs that reached the run
 
     def _read(self, version: int) -> None:
         from fastfill_udfs.spark.delta_io import is_delta_table, latest_version, read_table
@@ -123,9 +123,8 @@ class SyncedHistory:
 
         self.read_upto = latest_version(self.spark, self.path)
         if self.sync_log_path and is_delta_table(self.spark, self.sync_log_path):
-            rows = (read_table(self.spark, self.sync_log_path)
-                    .select("features_version", "gallery_version").collect())
-            self.logged = sorted((int(r[0]), int(r[1])) for r in rows)
+            self.logged = sorted((r.asDict() for r in read_table(
+                self.spark, self.sync_log_path).collect()), key=lambda r: r["features_version"])
 
     def any_between(self, after_version: int, upto_version: int) -> bool:
         """True when a sync commit lies in (after_version, upto_version]."""
@@ -144,16 +143,15 @@ class SyncedHistory:
         self._read(version)
         seen = [int(c.meta["gallery_version"]) for c in self.commits
                 if c.version <= version and "gallery_version" in c.meta]
-        seen += [g for v, g in self.logged if v <= version]
+        seen += [int(r["gallery_version"]) for r in self.logged
+                 if r["features_version"] <= version]
         return max([self.ranked] + seen)
 
     def synced_counts(self, version: int) -> dict:
-        """Items added, changed and deleted by the syncs that reached the run by `version`
-        (each sync counted once, from its commits' metadata)."""
+        """Items added, changed and deleted by the syncs that had finished with the run by
+        `version` (its sync_log: a sync killed half-way is counted by the one that finished
+        its work)."""
         self._read(version)
-        per_sync: dict[int, dict] = {}
-        for c in self.commits:
-            if c.version <= version and "run_counts" in c.meta:
-                per_sync[c.sync_id] = c.meta["run_counts"]
-        return {key: sum(int(v.get(key, 0)) for v in per_sync.values())
+        done = [r for r in self.logged if r["features_version"] <= version]
+        return {key: sum(int(r[f"n_{key}"]) for r in done)
                 for key in ("added", "changed", "deleted")}
