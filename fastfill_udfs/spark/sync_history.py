@@ -109,15 +109,17 @@ class SyncedHistory:
         self.commits: list[Commit] = []
         self.read_upto = -1
         self.logged: list[dict] = []     # sync_log rows: the syncs that reached the run
+        self._static_at: int | None = None
 
     def _read(self, version: int) -> None:
         from fastfill_udfs.spark.delta_io import is_delta_table, latest_version, read_table
 
-        if version <= self.read_upto:
+        if version <= self.read_upto or version == self._static_at:
             return
         if (not self.commits and self.gallery_path
                 and latest_version(self.spark, self.gallery_path) == self.ranked):
-            return   # no sync moved the gallery since the ranking: none reached the run
+            self._static_at = version   # no sync moved the gallery since the ranking: none
+            return                      # reached the run (checked once per version asked)
         self.commits += [c for c in history_since(self.spark, self.path, self.read_upto)
                          if c.sync_id is not None]
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from .moving_gallery_data import add_rows, change_rows, delete_rows, make_delta_source, source_ids
-from .own_gallery_data import COLUMNS, sets, submit_env
+from .own_gallery_data import COLUMNS, N_CLASSES, sets, submit_env
 from .test_kill_and_concurrency import _commits, _kill_when, _tagged_merges
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,10 +47,12 @@ def _sync_commits(path: str) -> list[int]:
 
 
 def _other(item: str, avoid: set[str]) -> str:
-    """Another item of the same class (same label), not in `avoid`."""
-    prefix = item.rsplit("-", 1)[0]
-    return next(f"{prefix}-{i:03d}" for i in range(PER_CLASS)
-                if f"{prefix}-{i:03d}" != item and f"{prefix}-{i:03d}" not in avoid)
+    """Another item, of the same class where one is left, not in `avoid`: an item no edit
+    touched yet, so its image and old embedding differ from `item`'s."""
+    same = int(item.split("-")[1])
+    classes = [same] + [c for c in range(N_CLASSES) if c != same]
+    return next(f"item-{c}-{i:03d}" for c in classes for i in range(PER_CLASS)
+                if f"item-{c}-{i:03d}" not in avoid | {item})
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,10 @@ def moving(spark, tmp_path_factory):
     gone: set[str] = set()
     edits = {"added": {}, "changed": {}, "queued": set()}
 
+    def other(item):
+        changed = edits["changed"]
+        return _other(item, gone | set(changed) | set(changed.values()))
+
     def edit(add=None, change=None, delete=()):
         if add:
             add_rows(spark, src, add)
@@ -95,7 +101,7 @@ def moving(spark, tmp_path_factory):
     # 1. edits after the ranking; a backfill holds in batch 1's inference while more rows
     # change (two of batch 1's) and a sync runs; then the batch goes on and is killed
     edit(add={"add-a1": batch[3][0], "add-a2": pairs[0]},
-         change={batch[2][0]: _other(batch[2][0], set())}, delete=[batch[3][1]])
+         change={batch[2][0]: other(batch[2][0])}, delete=[batch[3][1]])
     hold, marker = tmp / "hold", tmp / "inference-started"
     hold.touch()
     proc = _submit("backfill.py", over, tmp / "backfill.log", "--policy", "uncertainty",
@@ -103,7 +109,7 @@ def moving(spark, tmp_path_factory):
                    SLOW_MODEL_HOLD=str(hold), SLOW_MODEL_MARKER=str(marker))
     try:
         _wait_for(proc, marker.exists, "batch 1's inference", tmp / "backfill.log")
-        edit(add={"add-b1": batch[1][2]}, change={batch[1][0]: _other(batch[1][0], gone)},
+        edit(add={"add-b1": batch[1][2]}, change={batch[1][0]: other(batch[1][0])},
              delete=[batch[1][1]])
         during = sync_job(cfg)                        # in this process, while batch 1 runs
     finally:
@@ -115,7 +121,7 @@ def moving(spark, tmp_path_factory):
     # 2. more edits, queued by score: a sync killed right after its plan commit, finished by
     # the notebook
     edit(add={"add-c1": batch[2][2], "add-c2": pairs[2]},
-         change={pairs[1]: _other(pairs[1], gone), batch[3][2]: _other(batch[3][2], gone)},
+         change={pairs[1]: other(pairs[1]), batch[3][2]: other(batch[3][2])},
          delete=[batch[2][1]])
     edits["queued"] = {"add-c1", "add-c2", pairs[1], batch[3][2]}
     over.append("sync.mode=transform")
