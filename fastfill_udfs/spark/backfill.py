@@ -69,7 +69,7 @@ def ranked_batches(spark: SparkSession, cfg: Config, run: str) -> dict[int, int]
 def planned_batches(spark: SparkSession, cfg: Config, run: str) -> dict[int, int]:
     """`ranked_batches`, plus batches after them for items a sync queued once the ranked plan
     was done (`sync.extra_batches`)."""
-    from fastfill_udfs.spark.sync import extra_batches
+    from fastfill_udfs.spark.pending import extra_batches
 
     ranked = ranked_batches(spark, cfg, run)
     batching = (plan_metadata(spark, cfg, run) or {}).get("batching") or {}
@@ -146,7 +146,7 @@ def backfill_batch(spark: SparkSession, cfg: Config, new_model: ModelRef, run: s
 
     Raises ValueError when the model's output dimension is not the plan's (before merging),
     ReconciliationError when the MERGE did not update exactly the embedded items."""
-    from fastfill_udfs.spark.sync import batch_input, merged_expected
+    from fastfill_udfs.spark.pending import batch_input, merged_expected
 
     paths = table_paths(cfg, run)
     image_col = meta.get("image_column", "image")
@@ -259,7 +259,7 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
                         "job that stopped before logging it; logging it now", run,
                         batch_id, version)
         else:
-            from fastfill_udfs.spark.sync import absorb_queued
+            from fastfill_udfs.spark.pending import absorb_queued
 
             absorb_queued(spark, cfg, run, batch_id, planned, meta.get("batching") or {},
                           n_ranked)             # items a sync queued (transform mode)

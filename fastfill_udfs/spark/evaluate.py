@@ -370,14 +370,15 @@ def synced_history(spark: SparkSession, cfg: Config, run: str):
     None) for a run ranked before plans recorded it (the gallery is then read as it is)."""
     from fastfill_udfs.spark.rank import RANKED_ON, plan_metadata
     from fastfill_udfs.spark.sync import sync_log_path
-    from fastfill_udfs.spark.sync_history import SyncedHistory
+    from fastfill_udfs.spark.sync_history import SyncedHistory, ranked_features_version
 
     ranked = (plan_metadata(spark, cfg, run) or {}).get(RANKED_ON)
     if ranked is None:
         return None, None
     paths = table_paths(cfg, run)
     return (SyncedHistory(spark, paths.gallery_features, int(ranked), sync_log_path(cfg, run),
-                          paths.gallery), int(ranked))
+                          paths.gallery, ranked_features_version(spark, paths.backfill_log)),
+            int(ranked))
 
 
 def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:

@@ -23,7 +23,7 @@ of its batches (1, 2, ...), a sync writes items into partition 0 (arrived `new`)
 and only takes rows out of batch partitions. A batch embeds only rows still `transformed` in its
 partition and merges only rows still there, so it never overwrites what a sync made `new` and
 never brings a deleted row back; the queued items are moved into a batch by the backfill
-(`absorb_queued`) before it reads its input. Delta write conflicts are retried
+before it reads its input (the backfill's side: `pending`). Delta write conflicts are retried
 (`lease.retry_conflicts`), then refused with a message."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from fastfill_udfs.spark.delta_io import (TableNotFoundError, commit_metadata, i
                                           latest_version, quarantine_count, read_table,
                                           table_paths, write_quarantine, write_table)
 from fastfill_udfs.spark.lease import RunLease, retry_conflicts
-from fastfill_udfs.spark.sync_history import (ABSORB_TAG, ARRIVED_BATCH, QUEUE_BATCH, SYNC_TAG,
+from fastfill_udfs.spark.sync_history import (ARRIVED_BATCH, QUEUE_BATCH, SYNC_TAG,
                                               moved_by_syncs_only)
 from fastfill_udfs.spark.validation import ReconciliationError, reconcile
 
@@ -93,14 +93,16 @@ class tagged:
         self.spark.conf.unset(METADATA_KEY)
 
 
-def _attempts(cfg: Config) -> int:
+def conflict_attempts(cfg: Config) -> int:
+    """sync.conflict_retries, checked (ValueError naming it below 1)."""
     n = cfg.get_path("sync.conflict_retries")
     if n < 1:
         raise ValueError(f"sync.conflict_retries must be >= 1, got {n}")
     return int(n)
 
 
-def _merge_counts(result: DataFrame | None) -> dict:
+def merge_counts(result: DataFrame | None) -> dict:
+    """{"updated", "inserted", "deleted"} rows of a Delta MERGE's `execute()` result."""
     row = result.first() if result is not None else None
     if row is None:
         return {"updated": 0, "inserted": 0, "deleted": 0}
@@ -409,8 +411,8 @@ def _merge_gallery(spark, cfg, path: str, diff: GalleryDiff, info: dict) -> int:
                     .whenNotMatchedInsert(condition="s._kind = 'insert'",
                                           values={c: f"s.`{c}`" for c in cols})
                     .execute())
-    got = _merge_counts(retry_conflicts(write, f"sync {info['sync_id']}: MERGE into the gallery",
-                                        _attempts(cfg)))
+    got = merge_counts(retry_conflicts(write, f"sync {info['sync_id']}: MERGE into the gallery",
+                                       conflict_attempts(cfg)))
     want = {"updated": info["updated"], "inserted": info["inserted"], "deleted": info["deleted"]}
     if got != want:
         raise ReconciliationError(f"sync {info['sync_id']}: the gallery MERGE changed {got} "
@@ -420,12 +422,16 @@ def _merge_gallery(spark, cfg, path: str, diff: GalleryDiff, info: dict) -> int:
 
 # ----------------------------------------------------------------------------- gallery -> run
 def run_gallery_version(spark: SparkSession, cfg: Config, run: str, meta: dict) -> int:
-    """The gallery version run `run` reflects: its newest sync_log row, else the ranked one."""
+    """The gallery version run `run` reflects: its newest sync_log row since its ranking, else
+    the one it was ranked on."""
     from fastfill_udfs.spark.rank import RANKED_ON
+    from fastfill_udfs.spark.sync_history import ranked_features_version
 
     path = sync_log_path(cfg, run)
     if is_delta_table(spark, path):
-        row = read_table(spark, path).agg(F.max("gallery_version").alias("g")).first()
+        since = ranked_features_version(spark, table_paths(cfg, run).backfill_log)
+        row = (read_table(spark, path).where(F.col("features_version") > since)
+               .agg(F.max("gallery_version").alias("g")).first())
         if row["g"] is not None:
             return int(row["g"])
     return int(meta[RANKED_ON])
@@ -609,7 +615,7 @@ def _write_plan(spark, cfg, paths, plan: RunPlan, meta: dict, image_col: str) ->
                         "batch_id": "s.batch_id", image_col: f"s.{image_col}"})
                     .execute())
     retry_conflicts(write, f"sync {meta[SYNC_TAG]}: MERGE into {paths.backfill_plan}",
-                    _attempts(cfg))
+                    conflict_attempts(cfg))
 
 
 def _write_features(spark, cfg, paths, plan: RunPlan, meta: dict) -> int:
@@ -653,9 +659,9 @@ def _write_features(spark, cfg, paths, plan: RunPlan, meta: dict) -> int:
                 merge = DeltaTable.forPath(spark, paths.gallery_features).alias("f").merge(
                     src.alias("s"), "f.id = s.id")
                 return clauses(merge).execute()
-        got = _merge_counts(retry_conflicts(
+        got = merge_counts(retry_conflicts(
             write, f"sync {meta[SYNC_TAG]}: {step} MERGE into {paths.gallery_features}",
-            _attempts(cfg)))
+            conflict_attempts(cfg)))
         names = {"numTargetRowsUpdated": "updated", "numTargetRowsInserted": "inserted",
                  "numTargetRowsDeleted": "deleted"}
         delta += sign * sum(got[names[c]] for c in counted)
@@ -762,109 +768,6 @@ def sync_run(spark: SparkSession, cfg: Config, run: str, *, new_model: ModelRef,
     log.info("sync %d -> run %s (%s, gallery v%d -> v%d): %s", sync_id, run, mode, since, upto,
              out)
     return out
-
-
-# ----------------------------------------------------------------------------- backfill side
-def queued_items(spark: SparkSession, paths) -> DataFrame:
-    """Items a sync queued that no batch has taken yet: [id, score] (plan partition -1 whose
-    features row is still transformed in partition -1)."""
-    waiting = (read_table(spark, paths.gallery_features)
-               .where((F.col("planned_batch_id") == QUEUE_BATCH)
-                      & (F.col("source") == "transformed")).select("id"))
-    return (read_table(spark, paths.backfill_plan).where(F.col("batch_id") == QUEUE_BATCH)
-            .select("id", "score").join(waiting, "id", "left_semi"))
-
-
-def extra_batches(spark: SparkSession, cfg: Config, run: str, planned: dict[int, int],
-                  batching: dict) -> dict[int, int]:
-    """Batches beyond the ranked plan: those already logged, and the next one while items a
-    sync queued wait (transform mode, after the plan's last batch)."""
-    paths = table_paths(cfg, run)
-    last = max(planned, default=0)
-    logged = {r["batch_id"]: r["n_items"] for r in read_table(spark, paths.backfill_log)
-              .where(F.col("batch_id") > last).select("batch_id", "n_items").collect()}
-    if not is_delta_table(spark, paths.backfill_plan):
-        return logged
-    waiting = queued_items(spark, paths).count()
-    if waiting:
-        logged[max([last, *logged]) + 1] = min(waiting, extra_batch_size(planned, batching))
-    return logged
-
-
-def extra_batch_size(planned: dict[int, int], batching: dict) -> int:
-    if batching.get("batch_size"):
-        return int(batching["batch_size"])
-    sizes = [n for n in planned.values() if n]
-    return max(1, max(sizes, default=1))
-
-
-def absorb_queued(spark: SparkSession, cfg: Config, run: str, batch_id: int,
-                  planned: dict[int, int], batching: dict, ranked_batches: int) -> int:
-    """Before batch `batch_id` reads its input: move the queued items that rank into it (score
-    at least its planned items' lowest; after the ranked plan, the best `batch_size`) into its
-    partition of `gallery_features`. One commit, retried on conflicts; returns how many."""
-    from delta.tables import DeltaTable
-
-    paths = table_paths(cfg, run)
-    queue = queued_items(spark, paths)
-    if not queue.limit(1).count():
-        return 0
-    if batch_id <= ranked_batches:
-        floor = (read_table(spark, paths.backfill_plan)
-                 .where((F.col("batch_id") == batch_id) & F.col("rank").isNotNull())
-                 .agg(F.min("score").alias("s")).first()["s"])
-        if floor is None and batch_id < ranked_batches:
-            return 0
-        chosen = queue if floor is None else queue.where(F.col("score") >= floor)
-    else:
-        chosen = queue.orderBy(F.desc("score"), "id").limit(extra_batch_size(planned, batching))
-    chosen = chosen.select("id").persist()
-    try:
-        if not chosen.limit(1).count():
-            return 0
-
-        def write():
-            with tagged(spark, {ABSORB_TAG: batch_id, "run": run}):
-                return (DeltaTable.forPath(spark, paths.gallery_features).alias("f")
-                        .merge(chosen.alias("s"),
-                               f"f.planned_batch_id = {QUEUE_BATCH} AND f.id = s.id")
-                        .whenMatchedUpdate(condition="f.source = 'transformed'",
-                                           set={"planned_batch_id": F.lit(batch_id)})
-                        .execute())
-        n = _merge_counts(retry_conflicts(
-            write, f"backfill {run} batch {batch_id}: taking queued items",
-            _attempts(cfg)))["updated"]
-    finally:
-        chosen.unpersist()
-    log.info("backfill %s batch %d: took %d item(s) a sync queued", run, batch_id, n)
-    return n
-
-
-def batch_input(spark: SparkSession, paths, batch_id: int, image_col: str
-                ) -> tuple[DataFrame, int]:
-    """(the items batch `batch_id` embeds [id, image], the gallery_features version read): the
-    plan rows of its partition (and of the queue, for items moved into it) whose features row
-    is still `transformed` in its partition. An item a sync made `new`, re-queued or deleted
-    is not embedded."""
-    version = latest_version(spark, paths.gallery_features)
-    pending = (read_table(spark, paths.gallery_features, version=version)
-               .where((F.col("planned_batch_id") == batch_id)
-                      & (F.col("source") == "transformed")).select("id"))
-    plan = (read_table(spark, paths.backfill_plan)
-            .where(F.col("batch_id").isin(batch_id, QUEUE_BATCH)).select("id", image_col))
-    return plan.join(pending, "id", "left_semi"), version
-
-
-def merged_expected(spark: SparkSession, paths, batch_id: int, good: DataFrame, n_good: int,
-                    read_version: int | None, input_version: int) -> int:
-    """How many of a batch's embedded items its MERGE had to update: all of them, unless a
-    commit (a sync) came between the input read and the MERGE's snapshot; then those still
-    `transformed` in the batch's partition at that snapshot."""
-    if read_version is None or read_version == input_version:
-        return n_good
-    return (read_table(spark, paths.gallery_features, version=read_version)
-            .where((F.col("planned_batch_id") == batch_id) & (F.col("source") == "transformed"))
-            .select("id").join(good.select("id"), "id", "left_semi").count())
 
 
 # ----------------------------------------------------------------------------- the job

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 SYNC_TAG = "fastfill_sync"          # user metadata key of every commit a sync makes
 ABSORB_TAG = "fastfill_absorb"      # a backfill moving queued items into its batch (no vectors)
@@ -84,6 +85,18 @@ def moved_by_syncs_only(spark: SparkSession, gallery_path: str, since_version: i
     return all(c.sync_id is not None for c in history_since(spark, gallery_path, since_version))
 
 
+def ranked_features_version(spark: SparkSession, log_path: str) -> int:
+    """The `gallery_features` version a run's ranking wrote (its backfill_log batch 0); -1 when
+    the run is not ranked. Sync commits and sync_log rows before it belong to an earlier
+    ranking of the run."""
+    from fastfill_udfs.spark.delta_io import is_delta_table, read_table
+
+    if not is_delta_table(spark, log_path):
+        return -1
+    row = read_table(spark, log_path).where("batch_id = 0").select("table_version").first()
+    return -1 if row is None else int(row["table_version"])
+
+
 def latest_synced_version(spark: SparkSession, features_path: str, logged_version: int) -> int:
     """The newest version of a run's `gallery_features` that differs from `logged_version` (a
     committed batch's) only by sync commits: the gallery as it is now, when no batch has
@@ -102,12 +115,14 @@ class SyncedHistory:
     `new` rows the syncs made up to it."""
 
     def __init__(self, spark: SparkSession, features_path: str, ranked_gallery_version: int,
-                 sync_log_path: str | None = None, gallery_path: str | None = None):
+                 sync_log_path: str | None = None, gallery_path: str | None = None,
+                 ranked_features_version: int = -1):
         self.spark, self.path, self.gallery_path = spark, features_path, gallery_path
         self.ranked = int(ranked_gallery_version)
         self.sync_log_path = sync_log_path
         self.commits: list[Commit] = []
-        self.read_upto = -1
+        # what came before this ranking (a run re-ranked with --force) is not this plan's
+        self.read_upto = self.since = int(ranked_features_version)
         self.logged: list[dict] = []     # sync_log rows: the syncs that reached the run
         self._static_at: int | None = None
 
@@ -125,8 +140,9 @@ class SyncedHistory:
 
         self.read_upto = latest_version(self.spark, self.path)
         if self.sync_log_path and is_delta_table(self.spark, self.sync_log_path):
-            self.logged = sorted((r.asDict() for r in read_table(
-                self.spark, self.sync_log_path).collect()), key=lambda r: r["features_version"])
+            self.logged = sorted((r.asDict() for r in read_table(self.spark, self.sync_log_path)
+                                  .where(F.col("features_version") > self.since).collect()),
+                                 key=lambda r: r["features_version"])
 
     def any_between(self, after_version: int, upto_version: int) -> bool:
         """True when a sync commit lies in (after_version, upto_version]."""
