@@ -2,9 +2,12 @@
 one home for each, so every module converts and checks its arguments the same way."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-__all__ = ["to_numpy", "l2_normalise", "check_pos_int", "check_pos_ints", "check_topk"]
+__all__ = ["to_numpy", "l2_normalise", "check_pos_int", "check_pos_ints", "check_topk",
+           "stack_by_shape"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -44,3 +47,11 @@ def check_pos_ints(values, name: str, *, allow_empty: bool = False) -> tuple[int
 def check_topk(topk) -> tuple[int, ...]:
     """The CMC cut-offs `topk` as a non-empty tuple of ints >= 1 (ValueError naming topk)."""
     return check_pos_ints(topk, "topk")
+
+
+def stack_by_shape(images: Sequence) -> dict[tuple, list[int]]:
+    """Positions of `images` grouped by shape (images kept at their own size may differ)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    return groups

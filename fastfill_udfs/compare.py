@@ -138,6 +138,18 @@ def nonfinite_values(histories: dict[str, dict[int, float]], finals: dict) -> st
     return ", ".join(out)
 
 
+def synced_summary(curve: pd.DataFrame) -> dict:
+    """{"synced": "+added ~changed -deleted", "n_gallery": items at the last step} from a run's
+    curve when syncs reached it (metrics `synced_*`, `n_gallery`), else {}."""
+    keys = ("synced_added", "synced_changed", "synced_deleted")
+    if not all(k in curve for k in keys) or curve[list(keys)].dropna().empty:
+        return {}
+    last = curve[list(keys) + ["n_gallery"]].dropna().iloc[-1]
+    return {"synced": f"+{int(last['synced_added'])} ~{int(last['synced_changed'])} "
+                      f"-{int(last['synced_deleted'])}",
+            "n_gallery": int(last["n_gallery"])}
+
+
 @dataclass
 class Comparison:
     """What `compare` found: the table of current runs, the plot, and the runs left out."""
@@ -174,7 +186,7 @@ def compare(cfg: Config, run_prefix: str | None = None, out_dir: str | Path | No
         rows.append({"run": r.run, "policy": r.policy, "status": r.status,
                      "mAP_auc": r.mAP_auc, "top1_auc": r.top1_auc,
                      "mAP_t0": c["mAP"].iloc[0], "mAP_final": c["mAP"].iloc[-1],
-                     "steps": len(c), "nan_metrics": nan})
+                     "steps": len(c), "nan_metrics": nan, **synced_summary(c)})
     left_out = pd.concat([left_out, pd.DataFrame(skipped, columns=left_out.columns)],
                          ignore_index=True) if skipped else left_out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +198,9 @@ def compare(cfg: Config, run_prefix: str | None = None, out_dir: str | Path | No
                     f" matching {filter_string!r}" if filter_string else "")
         return Comparison(pd.DataFrame(rows), None, left_out, out_dir)
     table = pd.DataFrame(rows)
+    if "synced" in table:   # a moving gallery: say so for every run (docs/moving_gallery.md)
+        table["synced"] = table["synced"].fillna("none")
+        table["n_gallery"] = table["n_gallery"].astype("Int64")
     table.to_csv(out_dir / "comparison.csv", index=False)
     (out_dir / "comparison.md").write_text(markdown_table(table) + "\n")
     long = pd.concat(curves, ignore_index=True)

@@ -469,7 +469,7 @@ def _embed_decoded(embedder: "BatchEmbedder", ids: list, decoded: list,
     the model cannot take or whose output is not finite."""
     good = [i for i, r in enumerate(reasons) if r is None]
     out = None
-    from fastfill_udfs.preprocess import stack_by_shape
+    from fastfill_udfs.arrays import stack_by_shape
 
     for shape, members in stack_by_shape([decoded[i] for i in good]).items():
         rows = [good[j] for j in members]

@@ -240,14 +240,6 @@ class Preprocess:
                 "center_crop": list(self.center_crop or [])}
 
 
-def stack_by_shape(images: Sequence) -> dict[tuple, list[int]]:
-    """Positions of `images` grouped by shape (images kept at their own size may differ)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(tuple(img.shape), []).append(i)
-    return groups
-
-
 def device_decoder_available() -> bool:
     """Whether torchvision (with its image extension) is importable, for decoding on CUDA."""
     try:

@@ -7,6 +7,7 @@ whether it is `new` or `transformed` and the model version that made its vector.
     python pipelines/search.py --config conf/fashion_mnist.yaml --embedding q.npy --k 5
     python pipelines/search.py ... --export warehouse            # also save the servable index
     python pipelines/search.py ... --index DIR_OR_runs:/URI --batch 3 --image img.png   # no Spark
+    python pipelines/search.py --config conf/fashion_mnist.yaml --serving --id t10k_00042   # what is published
 
 Exit codes: 0 done, 2 config error or bad query, 4 refused (saved index of another run, batch or
 Delta version; another new model than the run's; run not ranked)."""
@@ -36,13 +37,18 @@ def main(argv=None) -> int:
                              "URI) instead of building it from Delta")
     parser.add_argument("--export", choices=EXPORT_TARGETS, default=None,
                         help="also write the index built from Delta")
+    parser.add_argument("--serving", action="store_true",
+                        help="search the index the serving alias points at (pipelines/publish.py)")
+    parser.add_argument("--alias", default=None,
+                        help="with --serving: the alias (default: serving.alias)")
 
     def job(cfg, args):
         from fastfill_udfs.spark.search import search_job
 
         return search_job(cfg, policy=args.policy, image=args.image, item_id=args.item_id,
                           embedding=args.embedding, batch=args.batch, k=args.k,
-                          index=args.index, export=args.export, master=args.master)
+                          index=args.index, export=args.export, serving=args.serving,
+                          alias=args.alias, master=args.master)
 
     from fastfill_udfs.search import IndexMismatchError, QueryModelMismatchError
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -201,7 +202,7 @@ def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
 
 QUARANTINE_SCHEMA = ("id string, stage string, run string, reason string, detected_at timestamp, "
                      "batch_id int")
-QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill")
+QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill", "sync")
 
 
 def _quarantine_condition(stage: str, run: str | None, batch_id: int | None) -> str:
@@ -235,3 +236,43 @@ def quarantine_count(spark: SparkSession, path: str, stage: str, run: str | None
     if not is_delta_table(spark, path):
         return 0
     return read_table(spark, path).where(_quarantine_condition(stage, run, batch_id)).count()
+
+
+METADATA_KEY = "spark.databricks.delta.commitInfo.userMetadata"
+
+
+class tagged:
+    """Context manager: every Delta commit made inside carries `meta` as user metadata."""
+
+    def __init__(self, spark: SparkSession, meta: dict):
+        import json
+
+        self.spark, self.text = spark, json.dumps(meta, sort_keys=True, default=str)
+
+    def __enter__(self):
+        self.spark.conf.set(METADATA_KEY, self.text)
+
+    def __exit__(self, *exc):
+        self.spark.conf.unset(METADATA_KEY)
+
+
+def merge_counts(result: DataFrame | None) -> dict:
+    """{"updated", "inserted", "deleted"} rows of a Delta MERGE's `execute()` result."""
+    row = result.first() if result is not None else None
+    if row is None:
+        return {"updated": 0, "inserted": 0, "deleted": 0}
+    d = row.asDict()
+    return {"updated": int(d.get("num_updated_rows", 0) or 0),
+            "inserted": int(d.get("num_inserted_rows", 0) or 0),
+            "deleted": int(d.get("num_deleted_rows", 0) or 0)}
+
+
+def is_local_uri(uri: str) -> bool:
+    """Whether `uri` is a path on this machine (no scheme, or file:)."""
+    return "://" not in uri and not uri.startswith("dbfs:") or uri.startswith("file:")
+
+
+def local_path(uri: str) -> Path:
+    """The local path of a file: URI or plain path."""
+    return Path(uri[len("file://"):] if uri.startswith("file://") else
+                uri[len("file:"):] if uri.startswith("file:") else uri)

@@ -32,6 +32,7 @@ from fastfill_udfs.simulate import curve_auc
 from fastfill_udfs.spark.arrow_utils import arrow_rows
 from fastfill_udfs.spark.delta_io import (ranking_id, read_features, read_table, read_text_file,
                                           table_paths)
+from fastfill_udfs.spark.sync import synced_history
 from fastfill_udfs.spark.validation import ReconciliationError
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ class RunEvaluator:
         self.spark, self.cfg, self.run = spark, cfg, run
         self.paths = table_paths(cfg, run)
         self.queries = queries or QuerySet(spark, cfg)
-        gallery = read_table(spark, self.paths.gallery).select("id", "label", "subgroup").toPandas()
+        self.history, self.catalog_version = synced_history(spark, cfg, run)
+        gallery = (read_table(spark, self.paths.gallery, version=self.catalog_version)
+                   .select("id", "label", "subgroup").toPandas())
         gallery = gallery.sort_values("id", kind="stable").reset_index(drop=True)
         self.key_of = pd.Series(np.arange(len(gallery), dtype=np.int64), index=gallery["id"])
         self.gallery = gallery
@@ -198,10 +201,45 @@ class RunEvaluator:
         index.build(self.query_keys[in_gallery], q.embeddings[in_gallery])
         return {f"new_new_{k}": v for k, v in self._summaries(self._evaluate(index)).items()}
 
+    def _follow_gallery(self, version: int) -> None:
+        """Bring the item catalog to the gallery version the run reflects at features
+        `version`: items a sync added get keys, labels follow the gallery; the keys of items
+        deleted since stay (unindexed), so earlier steps still resolve."""
+        if self.history is None:
+            return
+        g = self.history.gallery_version(version)
+        if g == self.catalog_version:
+            return
+        now = (read_table(self.spark, self.paths.gallery, version=g)
+               .select("id", "label", "subgroup").toPandas())
+        now["label"] = now["label"].astype(object)
+        known = now["id"].isin(self.key_of.index).to_numpy()
+        added = now[~known].sort_values("id", kind="stable").reset_index(drop=True)
+        if len(added):
+            start = len(self.gallery)
+            self.gallery = pd.concat([self.gallery.astype({"label": object}), added],
+                                     ignore_index=True)
+            self.key_of = pd.concat([self.key_of, pd.Series(
+                np.arange(start, start + len(added), dtype=np.int64), index=added["id"])])
+            grow = len(added)
+            self.source = np.r_[self.source, np.full(grow, None, dtype=object)]
+            self.model_version = np.r_[self.model_version, np.full(grow, None, dtype=object)]
+            self.batch_of = np.r_[self.batch_of, np.full(grow, -1, dtype=np.int64)]
+        kept = now[known]
+        rows = self.key_of.reindex(kept["id"].to_numpy(dtype=object)).to_numpy(dtype=np.int64)
+        self.gallery = self.gallery.astype({"label": object})
+        self.gallery.loc[rows, "label"] = kept["label"].to_numpy(dtype=object)
+        self.gallery.loc[rows, "subgroup"] = kept["subgroup"].to_numpy(dtype=object)
+        self.query_keys = self.key_of.reindex(self.queries.ids).fillna(-1).to_numpy(np.int64)
+        self.catalog_version = g
+
     def _update_index(self, batch_id: int, version: int) -> None:
         path = self.paths.gallery_features
+        self._follow_gallery(version)
         incremental = (self.index is not None and self.indexed_batch == batch_id - 1
-                       and self.indexed_version is not None and version > self.indexed_version)
+                       and self.indexed_version is not None and version > self.indexed_version
+                       and not (self.history is not None   # a sync moved rows: rebuild
+                                and self.history.any_between(self.indexed_version, version)))
         if incremental:
             rows, vectors = read_batch_rows(self.spark, path, version, batch_id)
             keys = self._keys(rows["id"], f"batch {batch_id} of {path}")
@@ -237,16 +275,21 @@ class RunEvaluator:
         self._update_index(batch_id, version)
         t1 = time.perf_counter()
         n_new = int((self.source == "new").sum())
-        if n_new != n_backfilled:
+        synced = self.history.new_delta(version) if self.history is not None else 0
+        if n_new != n_backfilled + synced:
             raise ReconciliationError(
                 f"run '{self.run}' batch {batch_id}: gallery_features at version {version} holds "
-                f"{n_new} new items, backfill_log says {n_backfilled}")
+                f"{n_new} new items, backfill_log says {n_backfilled}"
+                + (f" and the syncs up to it {synced:+d}" if synced else ""))
         c1 = time.process_time()
         result = self._evaluate(self.index, self.source)
         t2, c2 = time.perf_counter(), time.process_time()
         out = self._summaries(result)
         out.update(result.recall_metrics())
-        out["backfill_fraction"] = n_backfilled / max(1, self.index.ntotal)
+        out["backfill_fraction"] = n_new / max(1, self.index.ntotal)
+        if self.history is not None and self.history.any_between(-1, version):  # a moving gallery
+            out["n_gallery"] = self.index.ntotal
+            out.update({f"synced_{k}": v for k, v in self.history.synced_counts(version).items()})
         pair = self.gap_pair
         for metric in ("top1", "mAP"):
             if pair:
@@ -344,7 +387,9 @@ def run_curve_auc(fractions, values) -> float:
     after its last: a run whose batch 0 already holds new embeddings (h's training pairs)
     starts above t=0, and one with images quarantined at backfill ends below t=1 (those items
     stay transformed). With points at 0 and 1 it is `simulate.curve_auc` itself."""
-    t = np.asarray(fractions, dtype=np.float64)
+    # a sync that adds transformed items or deletes new ones moves t back: that stretch adds
+    # no area until the backfill is past its earlier t again (docs/moving_gallery.md)
+    t = np.maximum.accumulate(np.asarray(fractions, dtype=np.float64))
     v = np.asarray(values, dtype=np.float64)
     if len(t) and t[0] > 0:
         t, v = np.r_[0.0, t], np.r_[v[0], v]
@@ -528,10 +573,13 @@ class BackfillTracker:
 
         client = MlflowClient()
         logged = client.get_run(self.run_id).data.metrics
-        if "agreement_auc" in logged:  # already final: a rerun changes nothing
+        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
+        # already final: a rerun changes nothing (unless a sync queued batches after the last)
+        if "agreement_auc" in logged and max(
+                m.step for m in client.get_metric_history(self.run_id, "agreement_auc")) \
+                >= n_planned:
             return {k: v for k, v in logged.items() if k.endswith("_auc")}
         curve = curve_from_history(client, self.run_id)
-        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
         if len(curve) < n_planned + 1 or curve["backfill_fraction"].isna().any():
             log.info("evaluate %s: %d of %d steps logged; AUCs once the run completes",
                      self.run, len(curve), n_planned + 1)

@@ -2,7 +2,9 @@
 this class. It scores an image against one template per class (a full-size convolution) and
 projects the scores linearly to a 12-d embedding with fixed weights. For the crash tests:
 SLOW_MODEL_DELAY (seconds) makes each forward pass sleep, after touching the file named by
-SLOW_MODEL_MARKER, so a test knows when inference runs and can kill the job then."""
+SLOW_MODEL_MARKER, so a test knows when inference runs and can kill the job then;
+SLOW_MODEL_HOLD (a file name) makes each forward pass wait while that file exists, so a test can
+act while a batch is in the middle of its inference and then let it go on."""
 import os
 import time
 
@@ -30,6 +32,9 @@ class TemplateNet(nn.Module):
         delay = float(os.environ.get("SLOW_MODEL_DELAY", "0") or 0)
         if delay:
             time.sleep(delay)
+        hold = os.environ.get("SLOW_MODEL_HOLD")
+        while hold and os.path.exists(hold):
+            time.sleep(0.05)
         x = x - x.mean(dim=(2, 3), keepdim=True)
         return self.project(self.match(x).flatten(1))
 
