@@ -252,6 +252,16 @@ def _expand_chart(page: Page, metric: str) -> bool:
         " })()" % json.dumps(metric)))
 
 
+def _scroll_to_text(page: Page, text: str) -> bool:
+    """Scroll the innermost element whose own text starts with `text` into view (the chart
+    view renders a section's charts only when they are on screen)."""
+    return bool(page.evaluate(
+        "(() => { const all = [...document.querySelectorAll('body *')].filter(e => "
+        "e.children.length === 0 && (e.innerText || '').trim().startsWith(%s)); "
+        "if (!all.length) return false; all[0].scrollIntoView({block: 'start'}); return true;"
+        " })()" % json.dumps(text)))
+
+
 def _hide_banner(page: Page) -> None:
     page.evaluate("(() => { const b = document.querySelector('button[aria-label=\"Hide banner\"]');"
                   " if (b) b.click(); return 1; })()")
@@ -343,13 +353,16 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
         texts["mAP_chart"] = page.text()
         shots["mAP_chart"] = page.screenshot(out_dir / f"{prefix}mAP_chart.png")
         if "forecast_gain_share" in run.data.metrics:   # forecast and realised, one chart
-            from fastfill_udfs.tracking import FORECAST_CHART
+            from fastfill_udfs.tracking import FORECAST_KEYS
 
+            title = " vs ".join(FORECAST_KEYS)   # MLflow 3.17 titles a chart by its metrics
             page.goto(url + "/#/")
             page.goto(experiment_url(url, exp.experiment_id, view=BACKFILL_VIEW))
-            page.wait_for_text(FORECAST_CHART, timeout=timeout, settle=3.0)
+            page.wait_for_text("Backfill curves", timeout=timeout, settle=3.0)
+            _scroll_to_text(page, "Forecast (logged")   # charts render only once in view
+            page.wait_for_text(title, timeout=timeout, settle=3.0)
             _hide_banner(page)
-            if _expand_chart(page, FORECAST_CHART):
+            if _expand_chart(page, title):
                 time.sleep(3)
                 texts["forecast_chart"] = page.text()
                 shots["forecast_chart"] = page.screenshot(out_dir / f"{prefix}forecast_chart.png")
