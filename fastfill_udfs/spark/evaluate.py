@@ -332,8 +332,9 @@ class RunEvaluator:
         """The label-free curve: per committed step (batch_id of `steps`, backfill_log rows),
         the mean share of a query's top-`k` in the gallery as of that step that is also in its
         top-`k` in the final gallery (the run's last committed version: every item the run
-        made `new`). At most `max_queries` queries (seeded subset). Returns a Series indexed by
-        batch_id."""
+        made `new`). At most `max_queries` queries (seeded subset). On a gallery moved by syncs,
+        items deleted since the ranking are left out and items added count as they are at the
+        end. Returns a Series indexed by batch_id."""
         from fastfill_udfs.faiss_index import top_k_keys
 
         path = self.paths.gallery_features
@@ -346,8 +347,12 @@ class RunEvaluator:
         keys0 = self._keys(rows0["id"], f"{path} at version {first}")
         keys1 = self._keys(rows1["id"], f"{path} at version {last}")
         pos = pd.Series(np.arange(len(keys1)), index=keys1)
-        start = np.empty_like(vec1)
-        start[pos.reindex(keys0).to_numpy()] = vec0
+        # a moving gallery (syncs): items deleted since the ranking are left out, items added
+        # since count with their final vector from the start
+        start = vec1.copy()
+        at = pos.reindex(keys0).to_numpy()
+        kept = ~np.isnan(at)
+        start[at[kept].astype(np.int64)] = vec0[kept]
         new_at = rows1["batch_id"].fillna(np.iinfo(np.int32).max).to_numpy(np.int64)
         q = self.queries
         pick = np.arange(len(q.ids))
