@@ -236,7 +236,7 @@ def chromium_page(width: int = 1600, height: int = 1000,
         shutil.rmtree(profile, ignore_errors=True)
 
 
-# --- the three views the README shows ------------------------------------------------------
+# --- the three views docs/mlflow.md shows --------------------------------------------------
 
 QUIET_UI = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
             "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true'); 1")

@@ -101,7 +101,7 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
     retrieval (cosine | l2); ``head_hidden_dim`` of the benefit head (0: linear);
     ``top1_weight`` of top-1 in the benefit the head is fitted to (mAP change + this x top-1
     change; 0.5, as ``transformation.order_top1_weight``; 0: mAP alone, whose order dips below
-    random order's top-1 early on; see README); ``margin_weight`` in [0, 1] of the prototype
+    random order's top-1 early on; see docs/results.md); ``margin_weight`` in [0, 1] of the prototype
     margin blended into the benefit head's order (:func:`fit_order_blend`; 0: the head alone;
     ``transformation.order_margin_weight`` is 0.5 by default); ``prototype_new``/``prototype_labels`` the new
     embeddings the class prototypes are averaged from (default: the held-out ones).

@@ -1,7 +1,7 @@
-"""Screenshots of the MLflow UI as a user sees it, for the README: start `mlflow server` on a
-tracking store, open it in headless Chromium (Debian's `chromium`) and save the experiment's
-run list, the mAP-against-step chart of the backfill runs, the "Backfill curves" view and one
-run's `curve.png` artifact.
+"""Screenshots of the MLflow UI as a user sees it, for docs/mlflow.md and the README: start
+`mlflow server` on a tracking store, open it in headless Chromium (Debian's `chromium`) and save
+the experiment's run list, the mAP-against-step chart of the backfill runs, the "Backfill curves"
+view and one run's `curve.png` artifact.
 
     .venv/bin/python scripts/mlflow_screenshots.py                      # ./mlruns.db -> docs/
     .venv/bin/python scripts/mlflow_screenshots.py --store sqlite:////abs/mlruns.db \\

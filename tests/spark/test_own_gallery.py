@@ -21,7 +21,7 @@ from .own_gallery_data import N_CLASSES, make_gallery, sets, submit_env
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-SECTION = README[README.index("## Your own gallery"):README.index("## Running the jobs")]
+SECTION = README.split("## Your own gallery", 1)[1].split("\n## ", 1)[0]   # to the next heading
 PER_CLASS = 40
 TRAIN_ROWS, BATCH = 64, 40
 
