@@ -37,6 +37,9 @@ def store(tmp_path, monkeypatch):
             np.pi * t), "top1": 0.85 + 0.04 * t})
         for step, row in curve.iterrows():
             log_step_metrics(run_id, row.to_dict(), step=int(step))
+            if policy == "uncertainty":   # the forecast, and the realised share beside it
+                log_step_metrics(run_id, {"forecast_gain_share": float(np.sqrt(t[step])),
+                                          "gain_share": float(t[step] ** 0.6)}, step=int(step))
         log_step_metrics(run_id, {"mAP_auc": float(np.trapezoid(curve["mAP"], t))}, step=5)
         png = plot_curves(curve.assign(policy=policy), tmp_path / policy / "curve.png")
         MlflowClient().log_artifact(run_id, str(png))
@@ -70,6 +73,9 @@ def test_the_ui_shows_both_runs_their_map_curves_and_the_curve_artifact(store, t
         assert f"{name} (mAP)" in texts["mAP_chart"]
     assert "Step" in texts["mAP_chart"]
     assert "curve.png" in texts["curve_artifact"] and names[1] in texts["curve_artifact"]
+    # forecast and realised share of the gain on one chart, for the run that has them
+    for key in ("forecast_gain_share", "gain_share"):
+        assert f"{names[1]} ({key})" in texts["forecast_chart"]
     for name, path in shots.items():
         if name != "texts":
             assert path.stat().st_size > 20_000, name   # a rendered page, not a blank one
