@@ -20,7 +20,8 @@ def _fashion_mnist_dir() -> Path:
 
 
 # Tests that need Fashion-MNIST look where the config says. Under scripts/test.sh (and so in
-# CI) FASTFILL_REQUIRE_DATA=1: nothing skips for want of data, a missing dataset fails them.
+# CI) FASTFILL_REQUIRE_DATA=1: nothing skips for want of data (or of the Chromium that
+# scripts/setup.sh installs for the MLflow UI test), a missing dataset fails them.
 FASHION_MNIST_DIR = _fashion_mnist_dir()
 FMNIST_INSTALLED = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 REQUIRE_DATA = os.environ.get("FASTFILL_REQUIRE_DATA") == "1"
