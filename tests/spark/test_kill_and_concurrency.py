@@ -1,74 +1,73 @@
-"""Crashes as they really happen, and two jobs at once: `spark-submit pipelines/backfill.py` is
-started as a process group and killed with SIGKILL (a) during new-model inference, (b) right
-after a batch's MERGE commit appears in `_delta_log`, before its log row, (c) after a batch is
-logged, before its evaluation reaches MLflow (one run, killed three times in a row). A fresh process then finishes the run: exactly
-one feature row per id, every planned batch once in `backfill_log` and once in the MERGE
-history, MLflow steps without duplicates, and the curve of an uninterrupted run (1e-9).
-Two jobs started together on one run: one works, the other stops (or finds nothing left)."""
+"""Crashes as they really happen, and two jobs at once, on the session's own gallery (the
+README's commands made it): `spark-submit pipelines/backfill.py` is started as a process group
+and killed with SIGKILL (a) during new-model inference, (b) right after a batch's MERGE commit
+appears in `_delta_log`, before its log row, (c) after a batch is logged, before its evaluation
+reaches MLflow (one run, killed three times in a row). A fresh process then finishes the run:
+exactly one feature row per id, every planned batch once in `backfill_log` and once in the MERGE
+history, the missing image quarantined once, MLflow steps without duplicates, and the curve of
+the README's uninterrupted run (1e-9). Two jobs started together on one run, overlapping for
+sure: one works, the other stops."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .own_gallery_data import COLUMNS, make_gallery, sets, submit_env
+from tests.submit import SPARK_SUBMIT
+
+from .own_gallery_data import submit_env
 
 ROOT = Path(__file__).resolve().parents[2]
-PER_CLASS, BATCH, TRAIN_ROWS = 12, 40, 16       # 96 items, 80 planned: batches of 40, 40
 CURVE = ("mAP", "top1", "top5", "backfill_fraction")
 
 
 @pytest.fixture(scope="module")
-def kill_env(spark, tmp_path_factory):
-    """A foreign gallery with h trained and the reference run backfilled in this process."""
-    from fastfill_udfs.config import load_config
-    from fastfill_udfs.spark.jobs import ingest_job, train_transformation_job
+def kill_env(spark, own_gallery):
+    """The session's own gallery (README commands: ingested, h trained) with its README run
+    `products_uncertainty` as the uninterrupted reference: same gallery, h, policy and batches
+    (four, one item of the plan with a missing image)."""
+    from mlflow.tracking import MlflowClient
 
-    setup = make_gallery(tmp_path_factory.mktemp("kill"), PER_CLASS)
-    base = sets(setup, transformation__train_rows=TRAIN_ROWS, backfill__batch_size=BATCH,
-                data__dataset="gallery_table", models__new="models:/product_embedder@champion",
-                models__h="models:/product_embedder_h@champion", models__classifier="")
-    base += [f"data.columns.{k}={v}" for k, v in COLUMNS.items()]
+    from fastfill_udfs.tracking import configure_mlflow, find_backfill_run
 
-    def make_cfg(run_name: str):
-        return load_config([], base + [f"run_name={run_name}"])
-
-    ingest_job(make_cfg("ref"))
-    train_transformation_job(make_cfg("ref"))
-    reference = _rank_and_backfill(make_cfg("ref"))
-    return {"setup": setup, "base": base, "make_cfg": make_cfg, "reference": reference}
-
-
-def _rank_and_backfill(cfg):
-    from fastfill_udfs.spark.jobs import backfill_job, rank_job
-
-    rank_job(cfg, policy="uncertainty")
-    return backfill_job(cfg, policy="uncertainty", evaluate=True)
+    cfg = own_gallery["make_cfg"]()
+    configure_mlflow(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.get_path("mlflow.experiment")).experiment_id
+    reference = find_backfill_run(client, exp, "products_uncertainty")
+    assert reference is not None and reference.info.status == "FINISHED"
+    return {**own_gallery, "reference": {
+        "mlflow_run_id": reference.info.run_id,
+        "aucs": {"mAP_auc": reference.data.metrics["mAP_auc"]}}}
 
 
 def _start(env_, run_name: str, log: Path, **extra_env) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "pipelines/backfill.py",
+    cmd = [str(SPARK_SUBMIT), "pipelines/backfill.py", "--config", str(env_["conf"]),
            "--policy", "uncertainty"]
-    for o in env_["base"] + [f"run_name={run_name}"]:
+    for o in env_["overrides"] + [f"run_name={run_name}"]:
         cmd += ["--set", o]
     out = open(log, "w")
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=submit_env(**extra_env), start_new_session=True)
 
 
-def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
-    """SIGKILL the whole process group (driver JVM, Python driver, workers) once `ready()`."""
+def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    """Wait until `ready()`, the job still running then."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, f"the job ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    """SIGKILL the whole process group (driver JVM, Python driver, workers) once `ready()`."""
+    _wait_for(proc, ready, what, timeout)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
 
@@ -110,7 +109,11 @@ def _finish_and_check(spark, kill_env, run_name: str, rerun: Path | None) -> Non
     paths = table_paths(cfg, run)
     n_batches = len(planned_batches(spark, cfg, run))
     feats = read_table(spark, paths.gallery_features).toPandas()
-    assert feats["id"].is_unique and (feats["source"] == "new").all()
+    missing = kill_env["setup"]["missing"]          # its image is gone: never new, quarantined
+    assert feats["id"].is_unique and set(feats.loc[feats["source"] != "new", "id"]) == {missing}
+    quarantine = read_table(spark, paths.quarantine).toPandas()
+    at_backfill = quarantine[(quarantine["run"] == run) & (quarantine["stage"] == "backfill")]
+    assert at_backfill["id"].tolist() == [missing]  # once, however many jobs took its batch
     batches = read_table(spark, paths.backfill_log).toPandas()["batch_id"]
     assert sorted(batches) == list(range(n_batches + 1))
     assert sorted(_tagged_merges(paths.gallery_features)) == list(range(1, n_batches + 1))
@@ -169,20 +172,47 @@ def test_killed_three_ways_then_finished_by_a_fresh_process(spark, kill_env, tmp
 
 
 def test_two_jobs_on_one_run_commit_each_batch_once(spark, kill_env, tmp_path):
-    """Started together (a double-clicked job): one backfills, the other stops with a message
-    naming it (or, started later, finds nothing left); every batch is merged and logged once,
-    MLflow has one run with each step once."""
-    from fastfill_udfs.spark.jobs import rank_job
+    """Started together (a double-clicked job), and overlapping for sure (a checked
+    precondition): the one holding the run waits in its first new-model inference until the
+    other has ended. That other one stops with exit 3, naming the job that holds the run, while
+    that job is alive; the holder then finishes. Every batch is merged and logged once, MLflow
+    has one run with each step once."""
+    from mlflow.tracking import MlflowClient
 
-    rank_job(kill_env["make_cfg"]("twin"), policy="uncertainty")
+    from fastfill_udfs.spark.jobs import rank_job
+    from fastfill_udfs.tracking import configure_mlflow, find_backfill_run
+
+    cfg = kill_env["make_cfg"]("twin")
+    rank_job(cfg, policy="uncertainty")
+    marker, hold = tmp_path / "inference-started", tmp_path / "go-on"
     logs = [tmp_path / "one.log", tmp_path / "two.log"]
-    procs = [_start(kill_env, "twin", log, SLOW_MODEL_DELAY="0.5") for log in logs]
-    codes = [p.wait(timeout=600) for p in procs]
-    outputs = [log.read_text() for log in logs]
-    assert sorted(codes) in ([0, 0], [0, 3]), list(zip(codes, [o[-3000:] for o in outputs]))
-    if 3 in codes:  # the loser stopped with a message naming the job that holds the run
-        loser = outputs[codes.index(3)]
-        assert "is already being backfilled by" in loser and "Not starting it twice" in loser
-    else:           # or it came after the winner and found nothing left to do
-        assert any("0 to do now" in o for o in outputs), outputs
+    procs = [_start(kill_env, "twin", log, SLOW_MODEL_MARKER=str(marker),
+                    SLOW_MODEL_HOLD=str(hold)) for log in logs]
+    try:
+        deadline = time.monotonic() + 600
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "neither job ended: none was refused"
+            time.sleep(0.05)
+        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        holder = procs[1 - loser]
+        outputs = [log.read_text() for log in logs]
+        assert holder.poll() is None, f"both jobs ended: they never overlapped\n{outputs}"
+        assert procs[loser].returncode == 3, outputs[loser][-3000:]
+        _wait_for(holder, marker.exists, "the holder's new-model inference")
+        configure_mlflow(cfg)
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(cfg.get_path("mlflow.experiment")).experiment_id
+        running = find_backfill_run(client, exp, "twin_uncertainty")
+        job = running.data.tags["fastfill.job"]
+        assert running.info.status == "RUNNING" and job
+        assert f"is already being backfilled by {job}" in outputs[loser]
+        assert "Not starting it twice" in outputs[loser]
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        hold.touch()
+    assert holder.wait(timeout=600) == 0, logs[1 - loser].read_text()[-3000:]
     _finish_and_check(spark, kill_env, "twin", rerun=None)

@@ -2,12 +2,16 @@
 this class. It scores an image against one template per class (a full-size convolution) and
 projects the scores linearly to a 12-d embedding with fixed weights. For the crash tests:
 SLOW_MODEL_DELAY (seconds) makes each forward pass sleep, after touching the file named by
-SLOW_MODEL_MARKER, so a test knows when inference runs and can kill the job then."""
+SLOW_MODEL_MARKER, so a test knows when inference runs and can kill the job then;
+SLOW_MODEL_HOLD (a file name) makes each forward pass wait until that file exists (at most
+HOLD_LIMIT_S), so a test decides when the job may go on."""
 import os
 import time
 
 import torch
 from torch import nn
+
+HOLD_LIMIT_S = 900
 
 
 class TemplateNet(nn.Module):
@@ -30,6 +34,10 @@ class TemplateNet(nn.Module):
         delay = float(os.environ.get("SLOW_MODEL_DELAY", "0") or 0)
         if delay:
             time.sleep(delay)
+        hold = os.environ.get("SLOW_MODEL_HOLD")
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while hold and not os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.1)
         x = x - x.mean(dim=(2, 3), keepdim=True)
         return self.project(self.match(x).flatten(1))
 
