@@ -23,6 +23,7 @@ setup(
         "pyarrow>=18,<26",
         "numpy>=2,<3",
         "torch>=2.8,<2.16",
+        "torchvision>=0.29,<0.31",  # ResNet-style models, GPU (nvJPEG) decoding; needs torch>=2.14
         "faiss-cpu==1.15.1",
         "mlflow>=3.10,<4",
         "pyyaml>=6",

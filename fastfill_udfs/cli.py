@@ -37,9 +37,11 @@ def refusal_errors() -> tuple[type, ...]:
     from fastfill_udfs.model_loading import ModelNotFoundError
     from fastfill_udfs.spark.backfill import ModelMismatchError
     from fastfill_udfs.spark.delta_io import TableNotFoundError
+    from fastfill_udfs.spark.forecast import NoForecastError
     from fastfill_udfs.spark.rank import StaleRankingError
 
-    return (ModelNotFoundError, ModelMismatchError, TableNotFoundError, StaleRankingError)
+    return (ModelNotFoundError, ModelMismatchError, TableNotFoundError, StaleRankingError,
+            NoForecastError)
 
 
 def run_job(parser: argparse.ArgumentParser, job: Callable[[Config, argparse.Namespace], object],

@@ -46,7 +46,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-__all__ = ["VectorSpace", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS"]
+__all__ = ["VectorSpace", "CalibratedSpace", "space_for", "top_k_keys", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS"]
 
 log = logging.getLogger(__name__)
 DISTANCES = ("cosine", "l2")       # evaluation.distance
@@ -265,13 +265,104 @@ class VectorSpace:
 
     @classmethod
     def from_description(cls, description: Mapping) -> "VectorSpace":
-        return cls(description.get("distance", "cosine"))
+        return space_for(description.get("distance", "cosine"), description.get("calibration"))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, VectorSpace) and self.describe() == other.describe()
 
     def __repr__(self) -> str:
         return f"VectorSpace(distance={self.distance!r})"
+
+
+class CalibratedSpace(VectorSpace):
+    """A mixed gallery scored through an affine mixed-gallery calibration
+    (:mod:`fastfill_udfs.calibration`, no sigma term): a `transformed` row scores
+    ``scale * score + bias``, a `new` row (or a row without a source) ``score``, with ``score``
+    cosine or ``-|q - g|^2``. faiss stores :func:`calibration.augment_gallery` vectors and
+    searches with :func:`calibration.augment_queries` ones, so an exact inner-product search
+    ranks by the calibrated score. Exact scores are the float64 inner products of the stored
+    float32 vectors. Raises ValueError for parameters of another distance or with a sigma
+    term."""
+
+    def __init__(self, distance: str, calibration: dict):
+        from fastfill_udfs.calibration import check_calibration
+
+        super().__init__(distance)
+        params = check_calibration(calibration)
+        if params["distance"] != distance:
+            raise ValueError(f"the calibration was fitted for distance {params['distance']!r}, "
+                             f"the index scores by {distance!r}")
+        if params["sigma_weight"] != 0.0:
+            raise ValueError("an index applies affine calibrations only (sigma_weight 0)")
+        self.calibration = params
+
+    def index_dim(self, dim: int) -> int:
+        return int(dim) + (1 if not self.l2 else 2)
+
+    def index_vectors(self, embeddings: np.ndarray, source=None) -> np.ndarray:
+        """Augmented gallery vectors (float32); ``source`` (n,) marks `transformed` rows."""
+        from fastfill_udfs.calibration import augment_gallery
+
+        n = len(embeddings)
+        transformed = (np.zeros(n, bool) if source is None
+                       else np.asarray(source, dtype=object) == "transformed")
+        return np.ascontiguousarray(augment_gallery(self.calibration, embeddings, transformed))
+
+    def query_vectors(self, queries: np.ndarray) -> np.ndarray:
+        from fastfill_udfs.calibration import augment_queries
+
+        return np.ascontiguousarray(augment_queries(self.calibration, queries))
+
+    def embeddings(self, stored: np.ndarray) -> np.ndarray:
+        """The embeddings behind stored vectors: l2 ``g`` from ``[2 s g, b - s|g|^2, -s]``;
+        cosine the unit vectors from ``[s g/|g|, b]``."""
+        x = np.asarray(stored, dtype=np.float64)
+        if self.l2:
+            return x[:, :-2] / (-2.0 * x[:, -1:])
+        head = x[:, :-1]
+        norms = np.linalg.norm(head, axis=1, keepdims=True)
+        return head / np.where(norms > 0, norms, 1.0)
+
+    def exact_vectors(self, stored: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(stored, dtype=np.float64))
+
+    def exact_query_vectors(self, queries: np.ndarray) -> np.ndarray:
+        """float64 :func:`calibration.augment_queries`."""
+        q = np.asarray(queries, dtype=np.float64)
+        ones = np.ones((len(q), 1))
+        if self.l2:
+            return np.ascontiguousarray(np.hstack([q, ones, np.einsum("ij,ij->i", q, q)[:, None]]))
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        return np.ascontiguousarray(np.hstack([q / np.where(norms > 0, norms, 1.0), ones]))
+
+    def score_bounds(self, query_vectors: np.ndarray | None = None,
+                     stored: np.ndarray | None = None) -> tuple[float, float]:
+        """By Cauchy-Schwarz on the augmented vectors."""
+        qmax = _max_norm(None if query_vectors is None else np.asarray(query_vectors))
+        gmax = _max_norm(None if stored is None else np.asarray(stored))
+        reach = qmax * gmax + 1.0
+        return -reach, reach
+
+    def score_error_bound(self, query_vectors: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        """A float32 dot product of width D errs by at most about D 2**-24 |q||g| (twice over),
+        plus the float32 rounding of the query vector."""
+        q = np.asarray(query_vectors, dtype=np.float64)
+        g = np.asarray(stored, dtype=np.float64)
+        qn = np.sqrt(np.einsum("ij,ij->i", q, q))
+        gmax = float(np.sqrt(np.einsum("ij,ij->i", g, g)).max(initial=0.0))
+        return 2.0 * (q.shape[1] + 2) * 2.0 ** -24 * qn * gmax * 2.0 + 1e-12
+
+    def describe(self) -> dict:
+        return {"distance": self.distance, "calibration": self.calibration}
+
+    def __repr__(self) -> str:
+        return (f"CalibratedSpace(distance={self.distance!r}, scale="
+                f"{self.calibration['scale']:.4g}, bias={self.calibration['bias']:.4g})")
+
+
+def space_for(distance: str, calibration: dict | None = None) -> VectorSpace:
+    """The vector space of a run: plain, or calibrated when its plan carries a calibration."""
+    return CalibratedSpace(distance, calibration) if calibration else VectorSpace(distance)
 
 
 # ----------------------------------------------------------------------------- index spec
@@ -836,3 +927,19 @@ def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
         return np.full(np.shape(keys), -1, dtype=np.int64)
     i = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return np.where(sorted_keys[i] == keys, i, -1)
+
+
+def top_k_keys(space: VectorSpace, gallery: np.ndarray, queries: np.ndarray, k: int,
+               own: np.ndarray | None = None, sources=None) -> np.ndarray:
+    """Rows of `gallery` (n x d) that are each query's `k` best by `space`'s scores (exact
+    flat search; Q x k), leaving out each query's `own` row (-1: none). Rows past the gallery
+    (k too large) are -1."""
+    x = space.index_vectors(np.asarray(gallery, np.float64), sources)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, found = index.search(space.query_vectors(np.asarray(queries, np.float64)), k + 1)
+    if own is None:
+        return found[:, :k]
+    drop = found == np.asarray(own)[:, None]
+    first = np.argsort(drop, axis=1, kind="stable")      # kept entries first, in rank order
+    return np.take_along_axis(found, first, axis=1)[:, :k]

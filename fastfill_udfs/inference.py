@@ -40,6 +40,7 @@ __all__ = [
     "imagenet_preprocess",
     "BatchEmbedder",
     "PRECISIONS",
+    "embed_batch",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -101,27 +102,40 @@ def normalize_input(images) -> np.ndarray:
     * floating ``[N, C, H, W]`` (already scaled, channels first) -> returned as float32.
 
     uint8 data is scaled to [0, 1] later, on the device. A CPU ``torch.Tensor`` is accepted and
-    viewed as numpy. The result is C-contiguous (copied only when the input was not).
+    viewed as numpy; a tensor on an accelerator (e.g. images decoded there) stays a tensor on
+    it, in the same layouts. The result is C-contiguous (copied only when the input was not).
     """
     if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
+        if images.device.type != "cpu":
+            t = images.detach()
+            if _check_layout(t.dtype == torch.uint8, t.is_floating_point(), tuple(t.shape),
+                             t.dtype):
+                t = t[..., None]
+            return (t if t.dtype == torch.uint8 else t.float()).contiguous()
+        images = images.detach().numpy()
     arr = np.asarray(images)
-    if arr.dtype == np.uint8:
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        elif arr.ndim != 4:
-            raise ValueError(
-                f"images: uint8 input must be [N, H, W] or [N, H, W, C], got shape {arr.shape}")
-    elif np.issubdtype(arr.dtype, np.floating):
-        if arr.ndim != 4:
-            raise ValueError(
-                f"images: floating input must be [N, C, H, W], got shape {arr.shape}")
+    if _check_layout(arr.dtype == np.uint8, np.issubdtype(arr.dtype, np.floating), arr.shape,
+                     arr.dtype):
+        arr = arr[..., None]
+    if arr.dtype != np.uint8:
         arr = arr.astype(np.float32, copy=False)
-    else:
-        raise ValueError(
-            f"images: dtype must be uint8 ([N,H,W] / [N,H,W,C]) or float32 ([N,C,H,W]), "
-            f"got {arr.dtype}")
     return np.ascontiguousarray(arr)
+
+
+def _check_layout(is_uint8: bool, is_float: bool, shape: tuple, dtype) -> bool:
+    """Raise ValueError for a batch layout `normalize_input` does not take; True when a
+    grayscale uint8 [N, H, W] batch needs its channel axis added."""
+    if is_uint8:
+        if len(shape) not in (3, 4):
+            raise ValueError(
+                f"images: uint8 input must be [N, H, W] or [N, H, W, C], got shape {shape}")
+        return len(shape) == 3
+    if is_float:
+        if len(shape) != 4:
+            raise ValueError(f"images: floating input must be [N, C, H, W], got shape {shape}")
+        return False
+    raise ValueError(f"images: dtype must be uint8 ([N,H,W] / [N,H,W,C]) or float32 "
+                     f"([N,C,H,W]), got {dtype}")
 
 
 def imagenet_preprocess(size: Optional[Union[int, Sequence[int]]] = None,
@@ -274,7 +288,10 @@ class BatchEmbedder:
                 "BatchEmbedder: empty input and the embedding dimension is unknown: give the "
                 "model an int 'embedding_dim' attribute, or pass an empty array that carries the "
                 "per-image shape (e.g. np.empty((0, H, W, C), np.uint8)) for a dry run")
-        dummy = np.zeros((1,) + arr.shape[1:], dtype=arr.dtype)
+        if isinstance(arr, torch.Tensor):
+            dummy = torch.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype, device=arr.device)
+        else:
+            dummy = np.zeros((1,) + arr.shape[1:], dtype=arr.dtype)
         return int(self._run(dummy).shape[1])
 
     # ------------------------------------------------------------------ main entry
@@ -284,7 +301,8 @@ class BatchEmbedder:
         try:
             arr = normalize_input(images)
         except ValueError:
-            if self.embedding_dim is not None and np.asarray(images).size == 0:
+            size = images.numel() if isinstance(images, torch.Tensor) else np.asarray(images).size
+            if self.embedding_dim is not None and size == 0:
                 return np.zeros((0, self.embedding_dim), dtype=np.float32)
             raise
         if arr.shape[0] == 0:
@@ -345,8 +363,10 @@ class BatchEmbedder:
         compute_stream = torch.cuda.current_stream(self.device) if self.is_cuda else None
         for i, s in enumerate(range(g0, g1, self.batch_size)):
             e = min(g1, s + self.batch_size)
-            host_chunk = torch.from_numpy(arr[s:e])
-            if self.is_cuda:
+            if isinstance(arr, torch.Tensor):          # already on a device: no staging
+                x = arr[s:e].to(self.device, non_blocking=True)
+            elif self.is_cuda:
+                host_chunk = torch.from_numpy(arr[s:e])
                 slot = self._staging_buffers(tuple(arr.shape[1:]), host_chunk.dtype)[i % 2]
                 if slot["event"] is not None:
                     slot["event"].synchronize()       # its previous H2D copy has finished
@@ -360,7 +380,7 @@ class BatchEmbedder:
                 compute_stream.wait_event(copied)
                 x.record_stream(compute_stream)
             else:
-                x = host_chunk
+                x = torch.from_numpy(arr[s:e])
             emb = self._forward(self._to_float_batch(x))
             if out_buf is None:
                 out_buf = torch.empty((rows, emb.shape[1]), dtype=torch.float32,
@@ -384,3 +404,85 @@ class BatchEmbedder:
         return (f"BatchEmbedder(device={self.device}, batch_size={self.batch_size}, "
                 f"precision={self.precision!r}, channels_last={self.channels_last}, "
                 f"embedding_dim={self.embedding_dim})")
+
+
+# ------------------------------------------------------------------ encoded images
+def embed_batch(embedder: "BatchEmbedder", preprocess, ids: list, images: list, *,
+                decode_device: str = "cpu", workers: int = 1, chunk: int = 0,
+                timings: Optional[dict] = None) -> tuple[Optional[np.ndarray], list]:
+    """Decode `images` (encoded bytes) per `preprocess` and embed them: (embeddings [n, d] with
+    zero rows where a reason is set, reasons (None for good rows)). Undecodable images, images
+    the model cannot take and non-finite outputs get a reason naming the item.
+
+    `decode_device`: "cpu" decodes on `workers` host threads; "cuda" decodes JPEGs on the
+    embedder's device (`Preprocess.decode_many_on_device`). `chunk` > 0: images are decoded
+    and embedded `chunk` at a time, the next chunk decoded while the model runs on this one
+    (0: all at once). `timings`, when given, gets the seconds spent waiting for decoded images
+    ("decode_s") and in the model ("model_s") added to it."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def decode(lo: int, hi: int):
+        if decode_device == "cuda":
+            return preprocess.decode_many_on_device(images[lo:hi], ids[lo:hi], embedder.device,
+                                                    workers=workers)
+        return preprocess.decode_many(images[lo:hi], ids[lo:hi], workers=workers)
+
+    n = len(ids)
+    step = chunk if chunk > 0 else max(n, 1)
+    out = None
+    reasons: list = []
+    decode_s = model_s = 0.0
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = ahead.submit(decode, 0, step)
+        for lo in range(0, n, step):
+            t0 = time.perf_counter()
+            decoded, why = pending.result()
+            if lo + step < n:                 # decode the next chunk while the model runs
+                pending = ahead.submit(decode, lo + step, lo + 2 * step)
+            t1 = time.perf_counter()
+            emb = _embed_decoded(embedder, ids[lo:lo + step], decoded, why)
+            model_s += time.perf_counter() - t1
+            decode_s += t1 - t0
+            reasons += why
+            if emb is not None:
+                if out is None:
+                    out = np.zeros((n, emb.shape[1]), np.float32)
+                out[lo:lo + len(why)] = emb
+    if timings is not None:
+        timings["decode_s"] = timings.get("decode_s", 0.0) + decode_s
+        timings["model_s"] = timings.get("model_s", 0.0) + model_s
+    return out, reasons
+
+
+def _embed_decoded(embedder: "BatchEmbedder", ids: list, decoded: list,
+                   reasons: list) -> Optional[np.ndarray]:
+    """Embed the decoded images (grouped by shape); sets `reasons` (in place) of the images
+    the model cannot take or whose output is not finite."""
+    good = [i for i, r in enumerate(reasons) if r is None]
+    out = None
+    from fastfill_udfs.preprocess import stack_by_shape
+
+    for shape, members in stack_by_shape([decoded[i] for i in good]).items():
+        rows = [good[j] for j in members]
+        try:
+            emb, bad = embedder.embed_with_flags(_stack([decoded[i] for i in rows]))
+        except Exception as exc:  # the model rejects this image size / mode
+            for i in rows:
+                reasons[i] = (f"item {ids[i]!r}: the model cannot embed an image of shape "
+                              f"{list(shape)}: {type(exc).__name__}: {exc}")
+            continue
+        if out is None:
+            out = np.zeros((len(ids), emb.shape[1]), np.float32)
+        out[rows] = emb
+        for i, b in zip(rows, bad):
+            if b:
+                reasons[i] = f"item {ids[i]!r}: new-model output is NaN or inf"
+    return out
+
+
+def _stack(images: list):
+    """One batch of same-shaped decoded images: host arrays or device tensors."""
+    if images and not isinstance(images[0], np.ndarray):
+        return torch.stack(images)
+    return np.stack(images)

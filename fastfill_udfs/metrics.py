@@ -265,7 +265,8 @@ def _score_operands(q: np.ndarray, g: np.ndarray, distance: str, scale, bias):
 def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
                       query_ids=None, gallery_ids=None, topk: Sequence[int] = (1, 5),
                       block_size: int = 1024, device=None, dtype="float64",
-                      distance: str = "cosine", gallery_scale=None, gallery_bias=None) -> dict:
+                      distance: str = "cosine", gallery_scale=None, gallery_bias=None,
+                      per_query: bool = False) -> dict:
     """mAP and CMC top-k of ``query_emb`` against ``gallery_emb`` by ``distance``.
 
     Args: embeddings as 2-D numpy arrays or torch tensors (same dim); labels 1-D (any hashable
@@ -278,7 +279,9 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     within ~1e-7 of the squared norms); ``distance`` ``"cosine"`` or ``"l2"``;
     ``gallery_scale``/``gallery_bias`` optional per-gallery-item score correction (scalars or
     1-D, one entry per gallery item; see the module docstring).
-    Returns ``{"mAP", "top1", "top5", ..., "n_queries"}`` (see the module docstring).
+    Returns ``{"mAP", "top1", "top5", ..., "n_queries"}`` (see the module docstring); with
+    ``per_query`` also ``"query_index"`` (int64, the queries that count, ascending), ``"ap"``
+    (their AP) and ``"hit1"``, ``"hit5"``, ... (bool per counted query), for bootstraps.
     Raises ValueError on mismatched shapes/lengths, non-finite embeddings, bad ``topk``,
     ``block_size``, ``dtype``, ``distance``, ``gallery_scale``/``gallery_bias``, or only one of
     the id arrays.
@@ -327,7 +330,9 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     scale = _item_vector(gallery_scale, ng, "gallery_scale")
     bias = _item_vector(gallery_bias, ng, "gallery_bias")
     if nq == 0 or ng == 0:
-        return _result(np.zeros(0), {k: np.zeros(0, dtype=bool) for k in ks}, ks)
+        return _per_query(_result(np.zeros(0), {k: np.zeros(0, dtype=bool) for k in ks}, ks),
+                          np.zeros(0), {k: np.zeros(0, dtype=bool) for k in ks},
+                          np.zeros(0, np.int64), per_query)
     qn, gn = _score_operands(q, g, distance, scale, bias)
     qn, gn = qn.astype(fdt), gn.astype(fdt)
     step = max(1, min(block_size, _MAX_BLOCK_ELEMENTS // ng))
@@ -357,7 +362,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
             out[...] = r
         return out
 
-    aps, greater = [], []
+    aps, greater, counted = [], [], []
     for lo in range(0, nq, step):
         hi = min(lo + step, nq)
         sims = similarities(lo, hi)
@@ -373,6 +378,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
         keep = match.any(axis=1)                   # queries with no relevant item do not count
         if not keep.any():
             continue
+        counted.append(lo + np.flatnonzero(keep))
         if not keep.all():
             sims, match = sims[keep], match[keep]
         c, m = _pack_sort(sims, match)
@@ -381,7 +387,15 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
         greater.append(n_greater)
     ap = np.concatenate(aps) if aps else np.zeros(0)
     ng_arr = np.concatenate(greater) if greater else np.zeros(0, dtype=np.int64)
-    return _result(ap, {k: ng_arr < k for k in ks}, ks)
+    hits = {k: ng_arr < k for k in ks}
+    index = np.concatenate(counted).astype(np.int64) if counted else np.zeros(0, np.int64)
+    return _per_query(_result(ap, hits, ks), ap, hits, index, per_query)
+
+
+def _per_query(out: dict, ap: np.ndarray, hits: dict, index: np.ndarray, wanted: bool) -> dict:
+    if wanted:
+        out.update(query_index=index, ap=ap, **{f"hit{k}": v for k, v in hits.items()})
+    return out
 
 
 def similarity_scores(query_emb, gallery_emb, *, distance: str = "cosine", gallery_scale=None,

@@ -288,7 +288,9 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
     AUCs and status), `<prefix>mAP_chart.png` (the mAP-against-step chart of every backfill
     run), `<prefix>curves.png` (the "Backfill curves" view: mAP, top1, top5,
     backfill_fraction first) and `<prefix>curve_artifact.png` (the `curve.png` artifact of the
-    run `run_name`, default: the newest uncertainty run). Refreshes the experiment's "Backfill
+    run `run_name`, default: the newest auto, else uncertainty, run); where that run has a
+    forecast, `<prefix>forecast_chart.png` (its forecast and realised share of the gain on one
+    chart) and `<prefix>forecast_artifact.png` (its forecast_vs_realised.png). Refreshes the experiment's "Backfill
     curves" view first. Returns {name: path}, plus `texts` (each page's visible text). Raises
     ValueError when the experiment or its backfill runs are missing, BrowserUnavailableError
     without Chromium, TimeoutError when a page never shows its runs."""
@@ -317,7 +319,8 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
         if not chosen:
             raise ValueError(f"run_name {run_name!r} is none of {names}")
     else:
-        chosen = sorted(runs, key=lambda r: r.data.tags.get("fastfill.policy") != "uncertainty")
+        rank = {"auto": 0, "uncertainty": 1}
+        chosen = sorted(runs, key=lambda r: rank.get(r.data.tags.get("fastfill.policy"), 2))
     run = chosen[0]
     publish_backfill_view(exp.experiment_id)
     shots, texts = {}, {}
@@ -349,6 +352,17 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
         time.sleep(3)
         texts["mAP_chart"] = page.text()
         shots["mAP_chart"] = page.screenshot(out_dir / f"{prefix}mAP_chart.png")
+        if "forecast_gain_share" in run.data.metrics:   # forecast and realised, one chart
+            from fastfill_udfs.tracking import FORECAST_CHART
+
+            page.goto(url + "/#/")
+            page.goto(experiment_url(url, exp.experiment_id, view=BACKFILL_VIEW))
+            page.wait_for_text(FORECAST_CHART, timeout=timeout, settle=3.0)
+            _hide_banner(page)
+            if _expand_chart(page, FORECAST_CHART):
+                time.sleep(3)
+                texts["forecast_chart"] = page.text()
+                shots["forecast_chart"] = page.screenshot(out_dir / f"{prefix}forecast_chart.png")
 
         page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
                   f"/artifacts/curve.png?workflowType=machine_learning")
@@ -359,5 +373,13 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
         if not loaded:
             time.sleep(5)
         shots["curve_artifact"] = page.screenshot(out_dir / f"{prefix}curve_artifact.png")
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if "forecast_vs_realised.png" in names:
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+                      f"/artifacts/forecast_vs_realised.png?workflowType=machine_learning")
+            texts["forecast_artifact"] = page.wait_for_text(
+                "forecast_vs_realised.png", run.info.run_name, timeout=timeout, settle=3.0)
+            shots["forecast_artifact"] = page.screenshot(
+                out_dir / f"{prefix}forecast_artifact.png")
     shots["texts"] = texts
     return shots

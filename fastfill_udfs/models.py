@@ -31,12 +31,18 @@ class Transformation(nn.Module):
     correction, :mod:`fastfill_udfs.calibration`), `prototypes` (class means in the new space
     for the classifier-free order, :func:`fastfill_udfs.policies.fit_prototypes`) and
     `order_blend` (:func:`fastfill_udfs.order_fitting.fit_order_blend`: sigma becomes a blend of
-    the head's order and the prototype margin's, see :func:`blend_s`); None when not fitted."""
+    the head's order and the prototype margin's, see :func:`blend_s`); None when not fitted.
+
+    For the ``auto`` policy (:mod:`fastfill_udfs.forecast`), `order_heads` holds named extra
+    heads on h's output (e.g. the paper's joint sigma head and a benefit head, whatever the
+    chosen order reads; name -> hidden width in the spec) and `auto_order` the order the
+    forecast chose (an order spec, :func:`order_priority`), scored by :meth:`auto_priority`."""
 
     def __init__(self, old_dim: int, new_dim: int, hidden_dim: int = 1024,
                  num_hidden_layers: int = 2, uncertainty: bool = True, head_hidden_dim: int = 0,
                  calibration: dict | None = None, prototypes: dict | None = None,
-                 order_blend: dict | None = None):
+                 order_blend: dict | None = None, order_heads: dict | None = None,
+                 auto_order: dict | None = None):
         super().__init__()
         for name, value in (("old_dim", old_dim), ("new_dim", new_dim),
                             ("hidden_dim", hidden_dim), ("num_hidden_layers", num_hidden_layers)):
@@ -55,6 +61,40 @@ class Transformation(nn.Module):
         self.calibration = calibration
         self.prototypes = prototypes
         self.order_blend = order_blend
+        self.order_heads = nn.ModuleDict()
+        self.order_head_dims: dict[str, int] = {}
+        for name, hidden in (order_heads or {}).items():
+            self.set_order_head(name, make_uncertainty_head(new_dim, int(hidden)), int(hidden))
+        self.auto_order = auto_order
+
+    def set_order_head(self, name: str, head: nn.Module, hidden_dim: int) -> None:
+        """Store `head` (new_dim -> 1, built by `make_uncertainty_head(new_dim, hidden_dim)`) as
+        the order component `name` (see :meth:`order_components`)."""
+        if name in ORDER_GEOMETRY:
+            raise ValueError(f"order head name {name!r} is taken by a prototype component")
+        self.order_heads[name] = head
+        self.order_head_dims[name] = int(hidden_dim)
+
+    def order_components(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per item, every value an order spec may read from h's output `out`: each order
+        head's output, and with prototypes the `margin` (second-nearest minus nearest
+        prototype distance) and `distance` (to the nearest prototype)."""
+        comps = {name: head(out).squeeze(1) for name, head in self.order_heads.items()}
+        if self.prototypes is not None:
+            comps.update(prototype_geometry(out, self.prototypes))
+        return comps
+
+    def auto_priority(self, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h's output, the ``auto`` order's priority: higher is backfilled earlier). Raises
+        ValueError when h carries no forecast choice or the choice is the random order (which
+        needs the item ids: `policies.order_scores`)."""
+        if self.auto_order is None:
+            raise ValueError("h carries no forecast choice (auto_order): train it with "
+                             "pipelines/train_transformation.py and forecast.enabled=true")
+        if self.auto_order.get("random"):
+            raise ValueError("h's forecast chose the random order: score it from the ids")
+        out = self.mlp(old)
+        return out, order_priority(self.auto_order, self.order_components(out))
 
     def spec_params(self) -> dict:
         """The constructor arguments (see `model_spec`)."""
@@ -63,7 +103,8 @@ class Transformation(nn.Module):
                 "hidden_dim": linears[0].out_features if len(linears) > 1 else self.new_dim,
                 "num_hidden_layers": len(linears) - 1, "uncertainty": self.has_uncertainty,
                 "head_hidden_dim": self.head_hidden_dim, "calibration": self.calibration,
-                "prototypes": self.prototypes, "order_blend": self.order_blend}
+                "prototypes": self.prototypes, "order_blend": self.order_blend,
+                "order_heads": dict(self.order_head_dims), "auto_order": self.auto_order}
 
     @property
     def has_uncertainty(self) -> bool:
@@ -106,15 +147,7 @@ def _quantile_cdf(x: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
 
 def prototype_margin_torch(out: torch.Tensor, prototypes: dict) -> torch.Tensor:
     """`policies.prototype_margin` in torch: second-nearest minus nearest prototype distance."""
-    p = torch.as_tensor(prototypes["prototypes"], dtype=out.dtype, device=out.device)
-    if prototypes["distance"] == "cosine":
-        d = 1.0 - torch.nn.functional.normalize(out, dim=1) @ p.T
-    else:
-        d = torch.cdist(out, p)
-    if d.shape[1] < 2:
-        return torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
-    two = torch.topk(d, 2, dim=1, largest=False).values
-    return two[:, 1] - two[:, 0]
+    return prototype_geometry(out, prototypes)["margin"]
 
 
 def blend_s(out: torch.Tensor, s: torch.Tensor, blend: dict, prototypes: dict | None
@@ -130,6 +163,80 @@ def blend_s(out: torch.Tensor, s: torch.Tensor, blend: dict, prototypes: dict | 
     u = _quantile_cdf(sigma_from_s(s), sq)
     v = 1.0 - _quantile_cdf(prototype_margin_torch(out, prototypes), mq)
     return 2.0 * torch.log((1.0 - w) * u + w * v + 1e-6)
+
+
+ORDER_SPEC_VERSION = 1
+ORDER_GEOMETRY = ("margin", "distance")   # order components computed from the prototypes
+
+
+def prototype_geometry(out: torch.Tensor, prototypes: dict) -> dict[str, torch.Tensor]:
+    """{"margin": second-nearest minus nearest prototype distance, "distance": nearest
+    prototype distance} of h's output (as `policies.prototype_margin` / `prototype_scores`)."""
+    p = torch.as_tensor(prototypes["prototypes"], dtype=out.dtype, device=out.device)
+    if prototypes["distance"] == "cosine":
+        d = 1.0 - torch.nn.functional.normalize(out, dim=1) @ p.T
+    else:
+        d = torch.cdist(out, p)
+    if d.shape[1] < 2:
+        zero = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
+        return {"margin": zero, "distance": d[:, 0] if d.shape[1] else zero}
+    two = torch.topk(d, 2, dim=1, largest=False).values
+    return {"margin": two[:, 1] - two[:, 0], "distance": two[:, 0]}
+
+
+def check_order_spec(spec) -> dict:
+    """Validate an order spec (see :func:`order_priority`); returns it. Raises ValueError
+    naming the bad field."""
+    if not isinstance(spec, dict) or spec.get("version") != ORDER_SPEC_VERSION:
+        raise ValueError(f"an order spec must be a dict of version {ORDER_SPEC_VERSION}, "
+                         f"got {spec!r:.200}")
+    if spec.get("random"):
+        return spec
+    terms = spec.get("terms")
+    if not isinstance(terms, list) or not terms:
+        raise ValueError("order spec 'terms' must be a non-empty list")
+    for term in terms:
+        if not isinstance(term.get("component"), str):
+            raise ValueError(f"order spec term without a component name: {term!r:.200}")
+        if not (isinstance(term.get("weight"), (int, float)) and term["weight"] >= 0):
+            raise ValueError(f"order spec term {term['component']!r}: weight must be >= 0")
+        q = term.get("quantiles")
+        if q is None and len(terms) > 1:
+            raise ValueError("a blend of several terms needs each term's quantiles")
+        if q is not None and (len(q) < 2 or any(b < a for a, b in zip(q, q[1:]))):
+            raise ValueError(f"order spec term {term['component']!r}: quantiles must be "
+                             "ascending, at least 2")
+    return spec
+
+
+def order_priority(spec: dict, components: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The priority (higher = backfilled earlier, float64) of an order spec over per-item
+    `components` (:meth:`Transformation.order_components`).
+
+    Spec: ``{"version": 1, "name": str, "terms": [{"component", "weight", "descending",
+    "quantiles"}], "reverse": bool}``. One term without quantiles: its value (negated when not
+    `descending`). Otherwise the weighted sum of each term's CDF over the quantiles fitted on
+    held-out items (1 - CDF when not `descending`). `reverse` negates the priority. Raises
+    ValueError for a bad spec or a component that is missing."""
+    check_order_spec(spec)
+    if spec.get("random"):
+        raise ValueError("the random order has no priority from components: use the item ids")
+    total = None
+    for term in spec["terms"]:
+        name = term["component"]
+        if name not in components:
+            raise ValueError(f"order spec {spec.get('name')!r} reads {name!r}, which this h "
+                             f"does not compute (it has {sorted(components)})")
+        x = components[name].to(torch.float64)
+        if term.get("quantiles") is None:
+            u = x if term.get("descending", True) else -x
+        else:
+            u = _quantile_cdf(x, torch.as_tensor(term["quantiles"], dtype=torch.float64,
+                                                 device=x.device))
+            u = u if term.get("descending", True) else 1.0 - u
+        u = float(term["weight"]) * u
+        total = u if total is None else total + u
+    return -total if spec.get("reverse") else total
 
 
 def sigma_from_s(s: torch.Tensor) -> torch.Tensor:

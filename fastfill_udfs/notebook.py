@@ -41,6 +41,7 @@ CONFIG_WIDGETS = {
     "policy": "backfill.policy",
     "batch_size": "backfill.batch_size",
     "max_batches": "backfill.max_batches",
+    "stop": "backfill.stop",
     "evaluate": "backfill.evaluate",
     "device": "backfill.device",
     "spark_log_level": "spark.log_level",
@@ -49,6 +50,7 @@ CONFIG_WIDGETS = {
 FLAG_WIDGETS = {
     "force": ("false", "rank_gallery", "--force"),
     "filter": ("", "compare", "--filter"),
+    "estimate_only": ("false", "backfill", "--estimate-only"),
 }
 GENERAL_WIDGETS = ("config", "set")
 

@@ -6,6 +6,9 @@ A policy turns per-item inputs into a score; higher score = backfilled earlier:
 * ``random``      -- the FCT baseline: seeded uniform random scores.
 * ``oracle``      -- ``||normalise(h(o)) - normalise(n)||`` (cosine; ``||h(o) - n||`` for l2):
   the true error of the transformed embedding; needs the new embeddings, so analysis only.
+* ``auto``        -- the order the forecast chose on held-out pairs (:mod:`fastfill_udfs.forecast`),
+  stored in `h` as ``auto_order``: its priority per item (:func:`auto_scores`), or random
+  scores when no order beat random there.
 * ``prototype``   -- classifier-free: the distance of the transformed embedding h(o) to the
   nearest class prototype (the class means of the new model's training embeddings, fitted
   with `h` by :func:`fit_prototypes` and stored with it; lambda-orthogonality, NeurIPS 2025).
@@ -24,7 +27,8 @@ import pandas as pd
 __all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_distances", "prototype_scores", "prototype_margin", "random_scores_for_ids", "rank_order",
            "batch_id_for_rank", "assign_batches", "batch_sizes"]
 
-POLICIES = ("uncertainty", "random", "oracle", "prototype")
+POLICIES = ("auto", "uncertainty", "random", "oracle", "prototype")
+RUN_POLICIES = tuple(p for p in POLICIES if p != "oracle")   # what a backfill run can rank by
 PROTOTYPES_VERSION = 1
 _DISTANCES = ("cosine", "l2")
 
@@ -157,6 +161,8 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
         raise ValueError(f"unknown policy {policy!r}; allowed policies: {', '.join(POLICIES)}")
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    if policy == "auto":
+        raise ValueError("policy 'auto' is scored by auto_scores(h, old, ids, seed): it needs h")
     if policy == "prototype":
         if transformed is None:
             raise ValueError("policy 'prototype' needs transformed (h(old) embeddings)")
@@ -205,6 +211,26 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
     if distance == "l2":
         return np.linalg.norm(t - nw, axis=1)
     return np.linalg.norm(_l2_normalise(t) - _l2_normalise(nw), axis=1)
+
+
+def auto_scores(h, old, ids, seed: int = 0) -> np.ndarray:
+    """Float64 scores of the ``auto`` policy for items with old embeddings ``old`` (N x d) and
+    ``ids``: h's forecast choice (``h.auto_order``) as priorities, or, when the forecast chose
+    random order, :func:`random_scores_for_ids` with ``seed``. Raises ValueError when h has no
+    forecast choice (naming what to run)."""
+    import torch
+
+    spec = getattr(h, "auto_order", None)
+    if spec is None:
+        raise ValueError("policy 'auto' needs h trained with a forecast (forecast.enabled=true in "
+                         "pipelines/train_transformation.py); this h has none: retrain it, or "
+                         "choose --policy uncertainty or random")
+    if spec.get("random"):
+        return random_scores_for_ids(ids, seed)
+    with torch.inference_mode():
+        _, priority = h.auto_priority(torch.from_numpy(np.require(old, np.float32,
+                                                                  requirements="C")))
+    return priority.numpy().astype(np.float64)
 
 
 def rank_order(scores, ids=None) -> np.ndarray:

@@ -205,3 +205,61 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f", index: bool = False)
     rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
                           for w, num in zip(widths, numeric)) + "|"
     return "\n".join([line(headers), rule] + [line(r) for r in body])
+
+
+def plot_forecast(forecast, path: str | Path, *, realised: pd.DataFrame | None = None,
+                  key: str | None = None, top: int = 3, title: str | None = None) -> Path:
+    """The forecast as a picture, to `path` (PNG): left, the forecast curves in its own units
+    (the chosen order with its band, the next best `top` candidates, random order's mean and
+    spread); right, the share of the t0 -> t=1 gain reached at each fraction (the normalised
+    curve), with the `realised` run's curve beside it when given (a DataFrame with
+    `backfill_fraction` and `gain_share`) and the recommended stop marked.
+    `forecast`: a :class:`fastfill_udfs.forecast.Forecast`; `key` the candidate drawn as
+    the run's order (default: the chosen one). Returns the path."""
+    import numpy as np
+
+    from fastfill_udfs.forecast import gain_share
+
+    x = np.asarray(forecast.fractions, np.float64)
+    chosen = forecast.chosen if key is None else forecast.candidate(key)
+    others = [c for c in sorted(forecast.candidates, key=lambda c: -c["auc"])
+              if c["key"] not in (chosen["key"], "random")][:top]
+    rand = next((c for c in forecast.candidates if c["key"] == "random"), None)
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.6))
+    for ax, normalise in ((left, False), (right, True)):
+        def y(curve):
+            return gain_share(curve) if normalise else np.asarray(curve, np.float64)
+        if rand is not None:
+            ax.plot(x, y(rand["curve"]), color="tab:gray", linestyle="--",
+                    label=f"random order (mean of {len(forecast.random_aucs)})")
+        for c in others:
+            ax.plot(x, y(c["curve"]), linewidth=1.0, alpha=0.7, label=c["key"])
+        ax.plot(x, y(chosen["curve"]), color="tab:red", linewidth=2.2,
+                label=("chosen: " if chosen["key"] == forecast.decision["key"] else "this run: ")
+                + chosen["key"])
+        if not normalise:
+            ax.fill_between(x, chosen["curve_lo"], chosen["curve_hi"], color="tab:red",
+                            alpha=0.15, label=f"{forecast.info.get('band', 0.9):.0%} band")
+        stop = forecast.stop.get("fraction")
+        if stop is not None:
+            ax.axvline(stop, color="tab:purple", linestyle=":", linewidth=1.2,
+                       label=f"recommended stop t={stop:.2f}")
+        if normalise and realised is not None and len(realised):
+            r = realised.sort_values("backfill_fraction")
+            ax.plot(r["backfill_fraction"], r["gain_share"], color="black", marker="o",
+                    markersize=3, linewidth=1.6, label="realised (this run)")
+        ax.set_xlim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("backfill fraction t")
+        ax.set_ylabel("share of the t0 -> t=1 gain" if normalise else
+                      f"{forecast.metric} (held-out sample)")
+        ax.set_title("normalised: forecast vs realised" if normalise else
+                     f"forecast {forecast.metric} per candidate order")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or f"Backfill forecast: {forecast.decision['key']}")
+    fig.tight_layout()
+    out = _prepare(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -343,10 +343,25 @@ def _chart(key: str, section: str, line: bool) -> dict:
     return chart
 
 
+FORECAST_KEYS = ("forecast_gain_share", "gain_share")
+FORECAST_CHART = "share of the gain: forecast vs realised"
+
+
+def forecast_chart(keys, section: str) -> dict:
+    """One line chart of the forecast's and the realised share of the t0 -> new/new gain per
+    step: the forecast is logged for every planned step before the first batch, the realised
+    curve grows beside it."""
+    chart = _chart(keys[0], section, True)
+    chart.update({"uuid": "fastfill-forecast-vs-realised", "displayName": FORECAST_CHART,
+                  "selectedMetricKeys": list(keys)})
+    return chart
+
+
 def is_single_value_metric(key: str) -> bool:
     """Logged once per run (AUCs, the new/new reference at step 0, the minority's share of
     the first 10%), not along the curve."""
-    return key.endswith("_auc") or key.startswith("new_new_") or "_share_first_" in key
+    return (key.endswith("_auc") or key.startswith("new_new_") or "_share_first_" in key
+            or key == "forecast_gap_max")
 
 
 def backfill_view_state(metric_keys) -> dict:
@@ -356,14 +371,20 @@ def backfill_view_state(metric_keys) -> dict:
     bars; the run table shows policy, new model, data and the AUCs."""
     keys = sorted(set(metric_keys))
     curves = [k for k in CURVE_KEYS if k in keys]
+    forecast = [k for k in FORECAST_KEYS if k in keys]
     single = [k for k in keys if k not in curves and is_single_value_metric(k)]
-    lines = [k for k in keys if k not in curves and k not in single]
-    sections = [("fastfill-curves", "Backfill curves (against step = committed batches)"),
-                ("fastfill-steps", "Subgroups and gaps per step"),
-                ("fastfill-final", "Final values (AUC, new/new, shares)")]
-    charts = ([_chart(k, sections[0][0], True) for k in curves]
-              + [_chart(k, sections[1][0], True) for k in lines]
-              + [_chart(k, sections[2][0], False) for k in single])
+    lines = [k for k in keys if k not in curves and k not in single and k not in forecast
+             and not k.startswith(("forecast_", "estimate_"))]
+    sections = [("fastfill-curves", "Backfill curves (against step = committed batches)")]
+    if forecast:
+        sections.append(("fastfill-forecast",
+                         "Forecast (logged before the first batch) vs realised"))
+    sections += [("fastfill-steps", "Subgroups and gaps per step"),
+                 ("fastfill-final", "Final values (AUC, new/new, shares)")]
+    charts = ([_chart(k, "fastfill-curves", True) for k in curves]
+              + ([forecast_chart(forecast, "fastfill-forecast")] if forecast else [])
+              + [_chart(k, "fastfill-steps", True) for k in lines]
+              + [_chart(k, "fastfill-final", False) for k in single])
     return {
         "searchFilter": f"tags.`{KIND_TAG}` = 'backfill'",
         "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
@@ -409,3 +430,71 @@ def publish_backfill_view(exp_id: str, name: str = "Backfill curves") -> str:
     state = backfill_view_state(keys)
     client.set_experiment_tag(exp_id, SHARED_VIEW_PREFIX + BACKFILL_VIEW, encode_view(name, state))
     return BACKFILL_VIEW
+
+
+FORECAST_DIR = "forecast"
+
+
+def _metric_key(text: str) -> str:
+    """An MLflow-safe metric name part ("benefit+margin reversed" -> "benefit_margin_reversed")."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_")
+
+
+def log_forecast(forecast, run_id: str | None = None) -> None:
+    """Log a :class:`fastfill_udfs.forecast.Forecast` to the active (or given) MLflow run:
+    params (decision, reason, metric, sample sizes), metrics (every candidate's forecast AUC
+    and band, random order's spread, the recommended stop) and the artifacts
+    forecast/forecast.json, forecast.csv and forecast.png."""
+    import tempfile
+
+    import mlflow
+    import numpy as np
+
+    from fastfill_udfs.reporting import plot_forecast
+
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    d, info = forecast.decision, forecast.info
+    params = {"forecast_choice": d["key"], "forecast_reason": d["reason"][:5000],
+              "forecast_metric": forecast.metric, "forecast_items": info.get("n_items"),
+              "forecast_queries": info.get("queries"), "forecast_probes": info.get("n_probe", 0),
+              "forecast_stop": forecast.stop["reason"][:5000]}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    metrics = {"forecast_stop_fraction": forecast.stop["fraction"],
+               "forecast_random_auc_mean": float(np.mean(forecast.random_aucs)),
+               "forecast_random_auc_sd": float(np.std(forecast.random_aucs, ddof=1)),
+               "forecast_random_auc_max": float(np.max(forecast.random_aucs)),
+               "forecast_beats_random": float(d["beats_random"])}
+    for c in forecast.candidates:
+        k = _metric_key(c["key"])
+        metrics.update({f"forecast_auc_{k}": c["auc"], f"forecast_auc_lo_{k}": c["auc_lo"],
+                        f"forecast_auc_hi_{k}": c["auc_hi"]})
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "forecast.json").write_text(forecast.to_json())
+        forecast.table().to_csv(folder / "forecast.csv", index=False)
+        plot_forecast(forecast, folder / "forecast.png")
+        client.log_artifacts(run_id, str(folder), FORECAST_DIR)
+
+
+def download_forecast(run_id: str):
+    """The forecast logged in MLflow run `run_id` (see `log_forecast`), or None when it has
+    none."""
+    import tempfile
+
+    import mlflow
+
+    from fastfill_udfs.forecast import Forecast
+
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(run_id, FORECAST_DIR)}
+    if f"{FORECAST_DIR}/forecast.json" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, f"{FORECAST_DIR}/forecast.json", tmp)
+        return Forecast.from_json(Path(path).read_text())

@@ -189,19 +189,13 @@ def _fit_head(feats: torch.Tensor, loss_fn, new_dim: int, hidden: int, init_bias
     return head.eval()
 
 
-def fit_benefit_head(h: Transformation, old: np.ndarray, benefit: np.ndarray, *,
-                     head_hidden_dim: int = 64, epochs: int = 300, lr: float = 1e-2,
-                     weight_decay: float = 1e-4, seed: int = 0) -> Transformation:
-    """Give `h` a head that ranks items by their predicted retrieval benefit of backfilling.
-
-    `benefit` (N,) is the realised benefit of backfilling each of N held-out items (e.g.
-    :func:`fastfill_udfs.reachability.item_map_benefit` on held-out pairs `h` was not trained
-    on); the head on h's (frozen) output regresses its rank, scaled to [-3, 3], by least squares,
-    so only the order matters. The head's output takes the place of s, so sigma = exp(s / 2)
-    orders items exactly like the predicted benefit and the ``uncertainty`` policy needs no
-    change. Returns a copy of `h`. Raises ValueError for bad inputs."""
-    import copy
-
+def benefit_head(h: Transformation, old: np.ndarray, benefit: np.ndarray, *,
+                 head_hidden_dim: int = 64, epochs: int = 300, lr: float = 1e-2,
+                 weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
+    """A head on h's (frozen) output (new_dim -> 1) that ranks items by their realised benefit
+    of backfilling: it regresses the rank of ``benefit`` (N,), scaled to [-3, 3], by least
+    squares, so only the order matters. ``old`` (N x old_dim) are the items' old embeddings.
+    Raises ValueError for bad inputs."""
     if len(old) != len(benefit) or len(old) < 2:
         raise ValueError(f"old ({len(old)}) and benefit ({len(benefit)}) must have equal "
                          "length >= 2")
@@ -211,13 +205,30 @@ def fit_benefit_head(h: Transformation, old: np.ndarray, benefit: np.ndarray, *,
     if not np.all(np.isfinite(b)):
         raise ValueError("benefit contains NaN or infinite values")
     gen = seed_everything(seed)
-    out = copy.deepcopy(h).eval()
     ranks = np.argsort(np.argsort(b, kind="stable"), kind="stable")
     target = torch.from_numpy(6.0 * (ranks + 0.5) / len(b) - 3.0).float()
     with torch.no_grad():
-        feats = out.mlp(torch.from_numpy(np.ascontiguousarray(old, dtype=np.float32)))
-    out.uncertainty_head = _fit_head(feats, lambda s: (s - target).pow(2).mean(), h.new_dim,
-                                     head_hidden_dim, 0.0, epochs, lr, weight_decay, gen)
+        feats = h.eval().mlp(torch.from_numpy(np.ascontiguousarray(old, dtype=np.float32)))
+    return _fit_head(feats, lambda s: (s - target).pow(2).mean(), h.new_dim, head_hidden_dim,
+                     0.0, epochs, lr, weight_decay, gen)
+
+
+def fit_benefit_head(h: Transformation, old: np.ndarray, benefit: np.ndarray, *,
+                     head_hidden_dim: int = 64, epochs: int = 300, lr: float = 1e-2,
+                     weight_decay: float = 1e-4, seed: int = 0) -> Transformation:
+    """Give `h` a head that ranks items by their predicted retrieval benefit of backfilling.
+
+    `benefit` (N,) is the realised benefit of backfilling each of N held-out items (e.g.
+    :func:`fastfill_udfs.reachability.item_map_benefit` on held-out pairs `h` was not trained
+    on); see :func:`benefit_head`. The head's output takes the place of s, so sigma = exp(s / 2)
+    orders items exactly like the predicted benefit and the ``uncertainty`` policy needs no
+    change. Returns a copy of `h`. Raises ValueError for bad inputs."""
+    import copy
+
+    head = benefit_head(h, old, benefit, head_hidden_dim=head_hidden_dim, epochs=epochs, lr=lr,
+                        weight_decay=weight_decay, seed=seed)
+    out = copy.deepcopy(h).eval()
+    out.uncertainty_head = head
     out.head_hidden_dim = int(head_hidden_dim)
     return out
 

@@ -3,7 +3,9 @@
 # MAGIC # 2. Rank the gallery for backfilling
 # MAGIC Scores every gallery item with the transformation `h` (transformed embedding + sigma) in a
 # MAGIC Spark UDF, ranks by the chosen policy and writes `backfill_plan`, the initial
-# MAGIC `gallery_features` and batch 0 of `backfill_log`. An already ranked run is skipped;
+# MAGIC `gallery_features` and batch 0 of `backfill_log`. With `policy = auto` (the default) the
+# MAGIC order is the one `train_transformation` chose from its forecast on held-out pairs
+# MAGIC (random order when no candidate beat random there): shown below. An already ranked run is skipped;
 # MAGIC `force = true` re-ranks it (its backfill starts over in a new MLflow run). Same job as
 # MAGIC `pipelines/rank_gallery.py`.
 
@@ -51,3 +53,14 @@ batches = (plan.groupBy("batch_id")
                 F.round(F.avg("score"), 4).alias("mean_score"))
            .orderBy("batch_id").toPandas())
 show(batches, f"the plan of {run_id_for(cfg)}: items and mean score (sigma) per batch")
+
+# COMMAND ----------
+
+from fastfill_udfs.model_loading import load_configured_model
+from fastfill_udfs.spark.forecast import load_forecast
+
+forecast = load_forecast(load_configured_model(cfg, "h"))
+if forecast is not None:
+    show(forecast.table(), f"forecast: {forecast.decision['key']} ({forecast.metric} AUC, "
+         f"band {forecast.info.get('band', 0.9):.0%}) -- {forecast.decision['reason']}")
+    show(forecast.stop["reason"], "where to stop")

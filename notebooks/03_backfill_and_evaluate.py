@@ -5,7 +5,10 @@
 # MAGIC `gallery_features` (exactly once), logs the batch, and evaluates retrieval after each
 # MAGIC batch in MLflow (`evaluate = false` skips it; the last cell then evaluates after the
 # MAGIC fact). Rerunning continues where the last run stopped; `max_batches` is a compute budget
-# MAGIC (0 = all). Same jobs as `pipelines/backfill.py` and `pipelines/evaluate.py`.
+# MAGIC (0 = all); `stop = forecast` stops at the forecast's recommended fraction. Before the first
+# MAGIC batch it measures the new model's rate on the plan's images and prints the cost;
+# MAGIC `estimate_only = true` prints that and stops. Same jobs as `pipelines/backfill.py` and
+# MAGIC `pipelines/evaluate.py`.
 
 # COMMAND ----------
 
@@ -22,19 +25,25 @@ try:
 except NameError:
     dbutils = display = None
 
-from fastfill_udfs.notebook import Show, notebook_config
+from fastfill_udfs.notebook import Show, is_true, notebook_config, notebook_flag
 
 cfg = notebook_config(["policy", "run_name", "warehouse", "tracking_uri", "experiment",
-                       "model_new", "model_h", "max_batches", "evaluate", "device", "outputs",
-                       "spark_log_level"],
+                       "model_new", "model_h", "max_batches", "stop", "evaluate", "device",
+                       "outputs", "spark_log_level"],
                       dbutils)
+estimate_only = is_true(notebook_flag("estimate_only", dbutils))
 show = Show(display)
 
 # COMMAND ----------
 
 from fastfill_udfs.spark.jobs import backfill_job, evaluate_job
 
-result = backfill_job(cfg, policy=cfg.get_path("backfill.policy"))
+result = backfill_job(cfg, policy=cfg.get_path("backfill.policy"), estimate_only=estimate_only)
+show("\n".join(result["estimate"]), "what the backfill costs (measured before its first batch)")
+if estimate_only and dbutils is not None:
+    dbutils.notebook.exit("estimate only")
+elif estimate_only:
+    sys.exit(0)
 show(result, "backfill")
 if not cfg.get_path("backfill.evaluate"):
     result = evaluate_job(cfg, policy=cfg.get_path("backfill.policy"))
@@ -67,3 +76,13 @@ curve_plot = plot_curves(curve.assign(policy=cfg.get_path("backfill.policy")),
                          / f"{run_id_for(cfg)}_curve.png",
                          title=f"{run_id_for(cfg)}: retrieval vs backfill fraction")
 show(curve_plot, "the backfilling curve so far")
+
+# COMMAND ----------
+
+import tempfile
+
+names = {a.path for a in MlflowClient().list_artifacts(run_id)}
+if "forecast_vs_realised.png" in names:  # the run is complete and its order had a forecast
+    chart = MlflowClient().download_artifacts(run_id, "forecast_vs_realised.png",
+                                              tempfile.mkdtemp())
+    show(chart, "what the forecast said before the first batch, and what the backfill did")

@@ -8,11 +8,12 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.policies import RUN_POLICIES
 from fastfill_udfs.spark.jobs import evaluate_job
 
 if __name__ == "__main__":
     parser = job_parser(__doc__)
-    parser.add_argument("--policy", choices=["uncertainty", "random"],
+    parser.add_argument("--policy", choices=RUN_POLICIES,
                         help="which run to evaluate (default: backfill.policy)")
     sys.exit(run_job(parser, lambda cfg, args: evaluate_job(
         cfg, policy=args.policy, master=args.master)))

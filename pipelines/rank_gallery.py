@@ -8,11 +8,12 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.policies import RUN_POLICIES
 from fastfill_udfs.spark.jobs import rank_job
 
 if __name__ == "__main__":
     parser = job_parser(__doc__)
-    parser.add_argument("--policy", choices=["uncertainty", "random"],
+    parser.add_argument("--policy", choices=RUN_POLICIES,
                         help="ordering policy (default: backfill.policy)")
     parser.add_argument("--force", action="store_true",
                         help="re-rank even if the run is already ranked (overwrites its tables; "

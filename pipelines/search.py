@@ -15,11 +15,12 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.policies import RUN_POLICIES
 
 
 def main(argv=None) -> int:
     parser = job_parser(__doc__)
-    parser.add_argument("--policy", choices=["uncertainty", "random"],
+    parser.add_argument("--policy", choices=RUN_POLICIES,
                         help="which run to search (default: backfill.policy)")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="an image file, embedded by the run's new model")

@@ -29,7 +29,8 @@ VARIABLE = re.compile(r"\$\{var\.([a-z_]+)\}")
 NOT_PARAMETERS = {"--help", "--master"}
 FLAG_PARAMETER = {"--config": "config", "--set": "set", "--policy": "policy",
                   "--max-batches": "max_batches", "--no-evaluate": "evaluate",
-                  "--force": "force", "--run-prefix": "run_name", "--filter": "filter"}
+                  "--force": "force", "--run-prefix": "run_name", "--filter": "filter",
+                  "--stop": "stop", "--estimate-only": "estimate_only"}
 
 
 def _bundle() -> dict:

@@ -64,7 +64,7 @@ def test_policy_errors_name_the_problem():
         order_scores("oracle", transformed=np.ones((2, 2)))
     with pytest.raises(ValueError, match="new shape"):
         order_scores("oracle", transformed=np.ones((2, 2)), new=np.ones((3, 2)))
-    assert POLICIES == ("uncertainty", "random", "oracle", "prototype")
+    assert POLICIES == ("auto", "uncertainty", "random", "oracle", "prototype")
 
 
 # ----------------------------------------------------------------------------- rank_order

@@ -210,6 +210,16 @@ def test_backfill_view_puts_the_curves_first_and_decodes_as_the_ui_does():
         ["footwear_share_first_10pct", "mAP_auc", "new_new_mAP"])
     assert all(c["type"] == "LINE" and c["xAxisKey"] == "step" for c in charts[:6])
     assert "fastfill.kind" in state["searchFilter"]
+    # a forecast: one chart with both shares of the gain, in a section of its own, second
+    with_forecast = backfill_view_state(keys + ["gain_share", "forecast_gain_share",
+                                                "forecast_gap_max", "agreement_at_10"])
+    fc = [c for c in with_forecast["compareRunCharts"]
+          if c["metricSectionId"] == "fastfill-forecast"]
+    assert [c["selectedMetricKeys"] for c in fc] == [["forecast_gain_share", "gain_share"]]
+    assert with_forecast["compareRunSections"][1]["uuid"] == "fastfill-forecast"
+    steps = [c["metricKey"] for c in with_forecast["compareRunCharts"]
+             if c["metricSectionId"] == "fastfill-steps"]
+    assert steps == ["agreement_at_10", "mAP_footwear", "top1_gap"]
     envelope = json.loads(encode_view("Backfill curves", state))
     assert envelope["name"] == "Backfill curves" and envelope["state"].startswith("deflate;")
     packed = base64.b64decode(envelope["state"][len("deflate;"):])

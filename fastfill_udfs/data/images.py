@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -90,6 +90,21 @@ def decode_image(
         ImageDecodeError (a ValueError): missing, empty or undecodable bytes; names `item_id`.
     """
     hw = _size_hw(size)
+
+    def resize(im):
+        return im.resize((hw[1], hw[0]), Image.BILINEAR) if hw is not None \
+            and (im.height, im.width) != hw else im
+    arr = decode_uint8(data, item_id=item_id, grayscale=grayscale, transform=resize)
+    return arr.astype(np.float32) / np.float32(255.0)
+
+
+def decode_uint8(data: Any, *, item_id: Any = None, grayscale: bool = True,
+                 transform: Optional[Callable[[Image.Image], Image.Image]] = None) -> np.ndarray:
+    """Decode encoded image bytes to uint8 [H, W] (grayscale) or [H, W, 3] (RGB), applying
+    `transform` (PIL image -> PIL image, e.g. a resize) to the decoded image first.
+
+    Raises ImageDecodeError (a ValueError) naming `item_id` for missing, empty or undecodable
+    bytes; an error raised by `transform` propagates unchanged."""
     who = f"item {item_id!r}" if item_id is not None else "image"
     if data is None:
         raise ImageDecodeError(f"{who}: image bytes are null")
@@ -98,17 +113,16 @@ def decode_image(
     if len(data) == 0:
         raise ImageDecodeError(f"{who}: image bytes are empty")
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            im.load()  # force a full decode so truncated files fail here, not later
-            im = im.convert("L" if grayscale else "RGB")
-            if hw is not None and (im.height, im.width) != hw:
-                im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32)
+        im = Image.open(io.BytesIO(bytes(data)))
+        im.load()  # force a full decode so truncated files fail here, not later
+        im = im.convert("L" if grayscale else "RGB")
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
         raise ImageDecodeError(
             f"{who}: cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}"
         ) from exc
-    return arr / np.float32(255.0)
+    if transform is not None:
+        im = transform(im)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def _decode_problem(data: Any, item_id: Any) -> Optional[str]:

@@ -22,8 +22,8 @@ from fastfill_udfs.inference import BatchEmbedder
 from fastfill_udfs.metrics import retrieval_metrics
 from fastfill_udfs.models import Transformation
 from fastfill_udfs.order_fitting import fit_h_extras
-from fastfill_udfs.policies import (assign_batches, batching_from_config, fit_prototypes,
-                                    order_scores, rank_order)
+from fastfill_udfs.policies import (assign_batches, auto_scores, batching_from_config,
+                                    fit_prototypes, order_scores, rank_order)
 from fastfill_udfs.simulate import backfill_curve, curve_auc, curve_mean, fraction_to_reach
 from fastfill_udfs.training import History, train_transformation, transform
 
@@ -37,6 +37,7 @@ STUDY_POLICIES = {
     "fastfill_benefit": ("fastfill_benefit", "uncertainty"),    # head refit to the benefit
     "fastfill_prototype": ("fastfill", "prototype"),            # classifier-free
     "fastfill_oracle": ("fastfill", "oracle"),                  # needs the new embeddings
+    "fastfill_auto": ("fastfill", "auto"),                      # the forecast's choice
 }
 
 
@@ -47,6 +48,7 @@ class TrainedModels:
     h: dict[str, Transformation]                     # fct | fastfill | fastfill_benefit -> h
     histories: dict[str, History] = field(default_factory=dict)
     holdout: np.ndarray | None = None                # train-split rows no model trained on
+    forecast: object | None = None                   # forecast.Forecast on the hold-out rows
 
     def registered_h(self, cfg: Config) -> Transformation:
         """The h the Spark jobs use: of `transformation.objective`, with the order head of
@@ -156,7 +158,38 @@ def train_all(cfg: Config, train: Split) -> TrainedModels:
             hs["fastfill_benefit"] = fit_h_extras(hs["fastfill"], old_emb[held], new_emb[held],
                                                   train.labels[held], order_head="benefit",
                                                   **extras)
-    return TrainedModels(old, new, hs, histories, held)
+    forecast = None
+    if cfg.get_path("forecast.enabled") and len(held) >= 8:
+        forecast = forecast_auto_order(cfg, hs, old_emb[held], new_emb[held], train.labels[held])
+    return TrainedModels(old, new, hs, histories, held, forecast)
+
+
+def forecast_auto_order(cfg: Config, hs: dict, old, new, labels):
+    """Forecast the backfill on the hold-out rows (at most forecast.max_items of them) with the
+    FastFill h (its own sigma head, prototypes of its training rows) and give every FastFill h
+    the chosen order (fitted on all hold-out rows) for the ``auto`` policy. Returns the
+    forecast."""
+    from fastfill_udfs.forecast import (copy_auto_order, fit_auto_order, forecast_orders,
+                                        forecast_settings)
+
+    base = hs["fastfill"]
+    settings = forecast_settings(cfg)
+    seed = cfg.get_path("seed")
+    n = int(cfg.get_path("forecast.max_items"))
+    pick = np.arange(len(labels))
+    if len(pick) > n:
+        pick = np.sort(np.random.default_rng(seed + 7).permutation(len(pick))[:n])
+    forecast = forecast_orders(base, old[pick], new[pick], labels[pick],
+                               sigma_head=base.uncertainty_head, seed=seed + 11, **settings)
+    chosen = fit_auto_order(base, base.uncertainty_head, old, new, labels,
+                            forecast.decision["key"], seed=seed + 13,
+                            **{k: settings[k] for k in ("distance", "margin_weight",
+                                                        "top1_weight", "head_hidden_dim")})
+    for key in [k for k in hs if k.startswith("fastfill")]:
+        hs[key] = copy_auto_order(chosen, hs[key])
+    for line in forecast.summary_lines():
+        log.info("%s", line)
+    return forecast
 
 
 H_TRAIN_DATA = ("all", "old_model")
@@ -202,7 +235,7 @@ REACH_TOLERANCE = 0.005     # "within 0.5 mAP points of new/new"
 
 
 def study_curves(cfg: Config, test: Split, new_emb, transformed: dict, sigma: dict,
-                 hs: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 hs: dict | None = None, old_test=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Backfilling curves (at batch boundaries of backfill.batch_size) and their summaries for
     each study policy, by `evaluation.distance`; an h that carries a calibration is scored
     with it while its items are transformed. Returns (curves long table, summary table):
@@ -219,13 +252,18 @@ def study_curves(cfg: Config, test: Split, new_emb, transformed: dict, sigma: di
     for name in cfg.get_path("study.policies"):
         key, policy = STUDY_POLICIES[name]
         h = hs.get(key)
-        scores = order_scores(policy, sigma=sigma.get(key), transformed=transformed[key],
-                              new=new_emb, ids=test.ids, seed=seed, distance=distance,
-                              prototypes=getattr(h, "prototypes", None))
+        if policy == "auto":
+            scores = auto_scores(h, old_test, test.ids, seed)
+        else:
+            scores = order_scores(policy, sigma=sigma.get(key), transformed=transformed[key],
+                                  new=new_emb, ids=test.ids, seed=seed, distance=distance,
+                                  prototypes=getattr(h, "prototypes", None))
         order = rank_order(scores, test.ids)
         correction = {}
-        if getattr(h, "calibration", None):
-            scale, bias = item_correction(h.calibration, np.ones(len(test.ids), bool),
+        calibration = ((h.auto_order or {}).get("calibration") if policy == "auto"
+                       else getattr(h, "calibration", None))
+        if calibration:
+            scale, bias = item_correction(calibration, np.ones(len(test.ids), bool),
                                           sigma=sigma.get(key))
             correction = {"transformed_scale": scale, "transformed_bias": bias}
         # float32 similarities: about twice as fast on 10k x 10k, and what the Spark
@@ -296,5 +334,5 @@ def run_study(cfg: Config) -> StudyResult:
                             {k: v for k, v in transformed.items() if k in ("fct", "fastfill")},
                             test, tuple(cfg.get_path("evaluation.topk")),
                             distance=cfg.get_path("evaluation.distance"))
-    curves, summary = study_curves(cfg, test, new_test, transformed, sigma, models.h)
+    curves, summary = study_curves(cfg, test, new_test, transformed, sigma, models.h, old_test)
     return StudyResult(models, refs, curves, summary)

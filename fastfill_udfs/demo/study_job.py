@@ -215,6 +215,10 @@ def run_study_job(cfg: Config) -> dict:
                 log.info("model %s: %s registered as %s (%s)", name, uris[name],
                          registered[role], targets[role])
 
+        if result.models.forecast is not None:
+            from fastfill_udfs.tracking import log_forecast
+
+            log_forecast(result.models.forecast)
         paths = write_study_files(cfg, result, out_dir, seconds)
         mlflow.log_artifacts(str(out_dir), artifact_path=STUDY_DIR)
 

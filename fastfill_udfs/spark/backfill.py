@@ -192,9 +192,10 @@ def run_lease(spark: SparkSession, cfg: Config, run: str):
 
 def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str, *,
                  max_batches: int | None = None, on_committed: BatchCallback | None = None,
-                 lease=None) -> list[int]:
+                 lease=None, rate=None) -> list[int]:
     """Process pending batches of `run` in order; at most `max_batches` (None/0 = all), holding
-    `lease` (taken here when None).
+    `lease` (taken here when None); `rate` (`estimate.Rate`, measured before) gives the ETA
+    before the first batch.
 
     Calls `on_committed(batch_id, version)` after each batch is logged (e.g. evaluation).
     Returns the batch ids committed by this call. Raises TableNotFoundError when the run is not
@@ -203,7 +204,7 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
     if lease is None:
         with run_lease(spark, cfg, run) as held:
             return run_backfill(spark, cfg, new_model, run, max_batches=max_batches,
-                                on_committed=on_committed, lease=held)
+                                on_committed=on_committed, lease=held, rate=rate)
     paths = table_paths(cfg, run)
     meta = plan_metadata(spark, cfg, run)
     if meta is None or read_table(spark, paths.backfill_log).where("batch_id = 0").count() == 0:
@@ -220,6 +221,13 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
         pending = pending[:max_batches]
     log.info("backfill %s: %d of %d batches committed, %d to do now", run,
              len(done & set(planned)), len(planned), len(pending))
+    if rate is not None and pending and rate.items_per_s > 0:
+        from fastfill_udfs.progress import format_seconds
+
+        n_items = sum(planned[b] for b in pending)
+        log.info("backfill %s: %d items in %d batches, ETA %s at the measured %.1f items/s "
+                 "(embedding alone)", run, n_items, len(pending),
+                 format_seconds(n_items / rate.items_per_s), rate.items_per_s)
     progress = Progress(f"backfill {run}: batch", len(pending), log)
     finished = []
     # a job that died can have merged (at most) its batch without logging it: the first one

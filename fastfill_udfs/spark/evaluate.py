@@ -26,7 +26,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
-from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, VectorSpace
+from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, space_for
 from fastfill_udfs.index_eval import evaluate_index
 from fastfill_udfs.simulate import curve_auc
 from fastfill_udfs.spark.arrow_utils import embedding_matrix
@@ -182,7 +182,12 @@ class RunEvaluator:
         self.model_version = np.full(n, None, dtype=object)
         self.batch_of = np.full(n, -1, dtype=np.int64)
         self.spec = IndexSpec.from_config(cfg)
-        self.space = VectorSpace.from_config(cfg)
+        from fastfill_udfs.spark.rank import plan_metadata
+
+        # the plan's mixed-gallery calibration (an `auto` order that includes one) scores
+        # the shards, the evaluation and the servable index alike
+        self.space = space_for(cfg.get_path("evaluation.distance"),
+                               (plan_metadata(spark, cfg, run) or {}).get("calibration"))
         self.index: ShardedGalleryIndex | None = None
         self.indexed_batch: int | None = None
         self.indexed_version: int | None = None
@@ -313,6 +318,43 @@ class RunEvaluator:
                            n_transformed=int((items["source"] == "transformed").sum()))
         return served
 
+    def agreement_curve(self, steps: pd.DataFrame, k: int, max_queries: int, seed: int = 0
+                        ) -> pd.Series:
+        """The label-free curve: per committed step (batch_id of `steps`, backfill_log rows),
+        the mean share of a query's top-`k` in the gallery as of that step that is also in its
+        top-`k` in the final gallery (the run's last committed version: every item the run
+        made `new`). At most `max_queries` queries (seeded subset). Returns a Series indexed by
+        batch_id."""
+        from fastfill_udfs.faiss_index import top_k_keys
+
+        path = self.paths.gallery_features
+        steps = steps.sort_values("batch_id")
+        first = int(steps["table_version"].iloc[0])
+        last = int(steps["table_version"].iloc[-1])
+        rows0, vec0 = read_features(self.spark, path, first, columns=("id", "embedding"))
+        rows1, vec1 = read_features(self.spark, path, last,
+                                    columns=("id", "embedding", "batch_id"))
+        keys0 = self._keys(rows0["id"], f"{path} at version {first}")
+        keys1 = self._keys(rows1["id"], f"{path} at version {last}")
+        pos = pd.Series(np.arange(len(keys1)), index=keys1)
+        start = np.empty_like(vec1)
+        start[pos.reindex(keys0).to_numpy()] = vec0
+        new_at = rows1["batch_id"].fillna(np.iinfo(np.int32).max).to_numpy(np.int64)
+        q = self.queries
+        pick = np.arange(len(q.ids))
+        if len(pick) > max_queries:
+            pick = np.sort(np.random.default_rng(seed).permutation(len(pick))[:max_queries])
+        own = pos.reindex(self.query_keys[pick]).fillna(-1).to_numpy(np.int64)
+        k = int(min(k, len(keys1) - 2))
+        ref = top_k_keys(self.space, vec1, q.embeddings[pick], k, own)
+        out = {}
+        for batch in steps["batch_id"].astype(int):
+            gallery = np.where((new_at <= batch)[:, None], vec1, start)
+            got = top_k_keys(self.space, gallery, q.embeddings[pick], k, own)
+            out[batch] = float((got[:, :, None] == ref[:, None, :]).any(axis=2).sum(axis=1)
+                               .mean() / k)
+        return pd.Series(out, name=f"agreement_at_{k}")
+
     def _gap_pair(self) -> tuple[str, str] | None:
         """(majority, minority) as named in data.subgroups when both occur, else the two
         subgroups in name order; None unless there are exactly two."""
@@ -404,6 +446,64 @@ class BackfillTracker:
         self.ranking = ranking_id(spark, cfg, run)
         self.run_id = backfill_mlflow_run(cfg, run, policy, params, ranking=self.ranking)
         self._log_minority_share()
+        self._start_metric: float | None = None
+        self.forecast, self.forecast_key = None, None
+        self._log_forecast()
+
+    def _log_forecast(self) -> None:
+        """Log what the forecast said of this run's order, before its first batch: its gain
+        share at every planned step (`forecast_gain_share`, beside the realised `gain_share`
+        on one MLflow chart), the recommended stop and the decision."""
+        from mlflow.tracking import MlflowClient
+
+        from fastfill_udfs.spark.backfill import planned_batches
+        from fastfill_udfs.spark.forecast import (forecast_fractions, planned_fractions,
+                                                  run_forecast, stop_batch)
+        from fastfill_udfs.tracking import log_step_metrics, logged_steps
+
+        found = run_forecast(self.meta, self.policy)
+        if found is None:
+            return
+        self.forecast, self.forecast_key = found
+        fractions = planned_fractions(self.meta, planned_batches(self.spark, self.cfg, self.run))
+        if logged_steps(self.run_id, "forecast_gain_share"):
+            return
+        steps = sorted(fractions)
+        at = forecast_fractions(self.forecast, [fractions[b] for b in steps],
+                                key=self.forecast_key)
+        for i, batch in enumerate(steps):
+            log_step_metrics(self.run_id, {"forecast_gain_share": float(at["gain_share"][i])},
+                             step=batch)
+        batch, stop = stop_batch(self.forecast, self.forecast_key, fractions)
+        client = MlflowClient()
+        logged = client.get_run(self.run_id).data.params
+        params = {"forecast_order": self.forecast_key, "forecast_metric": self.forecast.metric,
+                  "forecast_stop_fraction": f"{stop:.4f}", "forecast_stop_batch": batch,
+                  "forecast_decision": self.forecast.decision["reason"][:5000]}
+        for key, value in params.items():
+            if key not in logged:
+                client.log_param(self.run_id, key, value)
+        log.info("evaluate %s: forecast (%s) logged for %d steps; recommended stop at batch %d "
+                 "(t=%.2f)", self.run, self.forecast_key, len(steps), batch, stop)
+
+    def _gain_share(self, metrics: dict, batch_id: int) -> dict:
+        """The realised share of the t0 -> new/new gain (mAP), when new/new is known."""
+        refs = self.evaluator.references
+        if self.forecast is None or "new_new_mAP" not in refs or not np.isfinite(
+                metrics.get("mAP", np.nan)):
+            return {}
+        if batch_id == 0:
+            self._start_metric = metrics["mAP"]
+        if self._start_metric is None:
+            from mlflow.tracking import MlflowClient
+
+            hist = {m.step: m.value for m in MlflowClient().get_metric_history(self.run_id,
+                                                                               "mAP")}
+            self._start_metric = hist.get(0)
+        gap = refs["new_new_mAP"] - (self._start_metric or 0.0)
+        if self._start_metric is None or gap == 0:
+            return {}
+        return {"gain_share": (metrics["mAP"] - self._start_metric) / gap}
 
     def _log_minority_share(self, fraction: float = 0.1) -> None:
         """Log the minority subgroup's share of the first `fraction` of the backfill order."""
@@ -433,6 +533,7 @@ class BackfillTracker:
                                                    int(row.n_backfilled))
             if row.batch_id == 0:
                 metrics.update(self.evaluator.references)
+            metrics.update(self._gain_share(metrics, int(row.batch_id)))
             log_step_metrics(self.run_id, metrics, step=int(row.batch_id))
             timing = self.evaluator.last_timing
             recall = "".join(f" {k} {v:.4f}" for k, v in metrics.items()
@@ -463,8 +564,11 @@ class BackfillTracker:
         self.catch_up()
 
     def finalize(self) -> dict | None:
-        """When every planned batch is committed and logged: log mAP_auc / top1_auc and the
-        curve (CSV + PNG). Returns the AUCs, or None while the run is incomplete."""
+        """When every planned batch is committed and logged: log mAP_auc / top1_auc (where the
+        queries have labels), the label-free agreement curve (`agreement_at_<k>` per step,
+        `agreement_auc`), the curve (CSV + PNG) and, with a forecast, the forecast against the
+        realised curve (forecast_vs_realised.png, `forecast_gap_max`). Returns the AUCs, or
+        None while the run is incomplete."""
         from mlflow.tracking import MlflowClient
 
         from fastfill_udfs.reporting import plot_curves
@@ -473,27 +577,71 @@ class BackfillTracker:
 
         client = MlflowClient()
         logged = client.get_run(self.run_id).data.metrics
-        if "mAP_auc" in logged and "top1_auc" in logged:  # already final: rerun changes nothing
-            return {"mAP_auc": logged["mAP_auc"], "top1_auc": logged["top1_auc"]}
+        if "agreement_auc" in logged:  # already final: a rerun changes nothing
+            return {k: v for k, v in logged.items() if k.endswith("_auc")}
         curve = curve_from_history(client, self.run_id)
         n_planned = len(planned_batches(self.spark, self.cfg, self.run))
         if len(curve) < n_planned + 1 or curve["backfill_fraction"].isna().any():
             log.info("evaluate %s: %d of %d steps logged; AUCs once the run completes",
                      self.run, len(curve), n_planned + 1)
             return None
+        k = int(self.cfg.get_path("forecast.agreement_k"))
+        agreement = self.evaluator.agreement_curve(
+            run_log(self.spark, self.cfg, self.run), k,
+            int(self.cfg.get_path("evaluation.agreement_queries")), self.cfg.get_path("seed"))
+        curve["agreement"] = curve["step"].map(agreement).astype(float)
+        for step, value in agreement.items():
+            log_step_metrics(self.run_id, {agreement.name: value}, step=int(step))
         aucs = {f"{m}_auc": run_curve_auc(curve["backfill_fraction"], curve[m])
-                for m in ("mAP", "top1")}
+                for m in ("mAP", "top1", "agreement") if np.isfinite(curve[m]).all()}
         log_step_metrics(self.run_id, aucs, step=n_planned)
         with tempfile.TemporaryDirectory() as tmp:
             csv, png = Path(tmp) / "curve.csv", Path(tmp) / "curve.png"
             curve.to_csv(csv, index=False)
             refs = self.evaluator.references
+            labelled = np.isfinite(curve["mAP"]).all()
             plot_curves(curve.assign(policy=self.policy), png,
+                        metric="mAP" if labelled else "agreement",
+                        second_metric="top1" if labelled else None,
                         references={"new/new": {m: refs[f"new_new_{m}"] for m in ("mAP", "top1")}}
-                        if refs else None,
+                        if refs and labelled else None,
                         title=f"{self.run}: retrieval vs backfill fraction")
             client.log_artifact(self.run_id, str(csv))
             client.log_artifact(self.run_id, str(png))
-        log.info("evaluate %s: mAP AUC %.4f, top-1 AUC %.4f", self.run, aucs["mAP_auc"],
-                 aucs["top1_auc"])
+            if self.forecast is not None:
+                self._log_forecast_vs_realised(client, curve, Path(tmp))
+        log.info("evaluate %s: %s", self.run,
+                 ", ".join(f"{k} {v:.4f}" for k, v in sorted(aucs.items())))
         return aucs
+
+    def _log_forecast_vs_realised(self, client, curve: pd.DataFrame, tmp: Path) -> None:
+        """The realised share of the gain (mAP where the forecast used mAP, else agreement)
+        beside the forecast's, per step, and their largest gap; the chart as an artifact."""
+        from fastfill_udfs.forecast import gain_share
+        from fastfill_udfs.reporting import plot_forecast
+        from fastfill_udfs.spark.forecast import forecast_fractions
+        from fastfill_udfs.tracking import log_step_metrics
+
+        metric = "mAP" if self.forecast.metric == "mAP" else "agreement"
+        values = curve[metric].to_numpy(np.float64)
+        end = self.evaluator.references.get("new_new_mAP") if metric == "mAP" else 1.0
+        if not np.isfinite(values).all():
+            return
+        realised = curve.assign(gain_share=gain_share(values, end=end))
+        predicted = forecast_fractions(self.forecast, realised["backfill_fraction"],
+                                       key=self.forecast_key)["gain_share"]
+        gap = float(np.nanmax(np.abs(predicted - realised["gain_share"].to_numpy())))
+        from fastfill_udfs.tracking import logged_steps
+
+        done = logged_steps(self.run_id, "gain_share")    # logged per step where new/new is known
+        for row in realised.itertuples():
+            if int(row.step) not in done:
+                log_step_metrics(self.run_id, {"gain_share": float(row.gain_share)},
+                                 step=int(row.step))
+        log_step_metrics(self.run_id, {"forecast_gap_max": gap}, step=int(curve["step"].max()))
+        png = tmp / "forecast_vs_realised.png"
+        plot_forecast(self.forecast, png, realised=realised, key=self.forecast_key,
+                      title=f"{self.run}: forecast ({self.forecast_key}) vs realised")
+        client.log_artifact(self.run_id, str(png))
+        log.info("evaluate %s: forecast vs realised share of the gain: largest gap %.3f",
+                 self.run, gap)

@@ -29,7 +29,7 @@ from fastfill_udfs.preprocess import Preprocess
 from fastfill_udfs.spark.delta_io import read_table, table_paths, write_quarantine, write_table
 from fastfill_udfs.spark.images import attach_images
 from fastfill_udfs.spark.sources import conform, read_image_folder, read_source_table
-from fastfill_udfs.spark.udfs import embed_images_fn
+from fastfill_udfs.spark.udfs import broadcast_payload, embed_images_fn, spread_over_slots
 from fastfill_udfs.spark.validation import check_gallery, reconcile
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,14 @@ def embed_images(spark: SparkSession, df: DataFrame, model: ModelRef, cfg: Confi
                  keep: list[str]) -> DataFrame:
     """`df` (with `id` and encoded `image` bytes) -> `keep` columns + `embedding` + `reason`
     (null when the item embedded), running `model` in Spark (loaded once per worker)."""
-    payload = spark.sparkContext.broadcast(model.payload())
+    payload = broadcast_payload(spark, model.payload())
     schema = ", ".join([f"`{f.name}` {f.dataType.simpleString()}" for f in df.schema.fields
                         if f.name in keep] + ["embedding array<float>", "reason string"])
     fn = embed_images_fn(payload, keep, Preprocess.from_config(cfg.get_path("models.preprocess")),
                          device=cfg.get_path("backfill.device"),
-                         batch_size=cfg.get_path("backfill.inference_batch_size"))
-    return df.mapInArrow(fn, schema)
+                         batch_size=cfg.get_path("backfill.inference_batch_size"),
+                         decode_device=cfg.get_path("backfill.decode_device"))
+    return spread_over_slots(spark, df).mapInArrow(fn, schema)
 
 
 def with_image_bytes(spark: SparkSession, df: DataFrame, cfg: Config

@@ -73,17 +73,30 @@ def _tracker(spark, cfg: Config, policy: str):
 
 
 def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | None = None,
-                 evaluate: bool | None = None, master: str | None = None) -> dict:
-    """Backfill pending batches (at most `max_batches`), evaluating after each when `evaluate`
-    (default: backfill.evaluate)."""
+                 evaluate: bool | None = None, master: str | None = None,
+                 stop: str | None = None, estimate_only: bool = False) -> dict:
+    """Backfill pending batches (at most `max_batches`; with `stop` ``forecast`` (default:
+    backfill.stop) no further than the forecast's recommended stop), evaluating after each
+    when `evaluate` (default: backfill.evaluate). Before the first batch it measures the new
+    model's rate on the plan's images and prints the cost; `estimate_only` prints it and
+    returns (no lease, nothing written)."""
     from fastfill_udfs.spark.backfill import run_backfill
+    from fastfill_udfs.spark.estimate import plan_ahead
 
     policy = policy or cfg.get_path("backfill.policy")
     evaluate = cfg.get_path("backfill.evaluate") if evaluate is None else evaluate
     max_batches = max_batches if max_batches is not None else cfg.get_path("backfill.max_batches")
+    stop = stop or cfg.get_path("backfill.stop")
     spark = get_spark(cfg["spark"], master=master)
     run = run_id_for(cfg, policy)
     new_model = load_configured_model(cfg, "new")
+    if estimate_only:
+        _lease(spark, cfg, run)   # refuses a run that is not ranked
+        plan = plan_ahead(spark, cfg, new_model, run, policy, stop=stop,
+                          max_batches=max_batches or None)
+        for line in plan["lines"]:
+            log.info("estimate %s: %s", run, line)
+        return {"run": run, "estimate": plan["lines"], "committed_now": []}
     tracker = None
     with _lease(spark, cfg, run) as lease, \
             backfill_run_status(spark, cfg, run, lease.owner) as status:  # MLflow run status
@@ -93,11 +106,20 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
             tracker.catch_up()
         else:
             status.track_existing()
-        done = run_backfill(spark, cfg, new_model, run, max_batches=max_batches or None,
-                            on_committed=tracker.on_committed if tracker else None,
-                            lease=lease)
+        plan = plan_ahead(spark, cfg, new_model, run, policy, stop=stop,
+                          max_batches=max_batches or None)
+        for line in plan["lines"]:
+            log.info("estimate %s: %s", run, line)
+        if tracker is not None:
+            from fastfill_udfs.tracking import log_step_metrics
+
+            log_step_metrics(tracker.run_id, plan["metrics"], step=0)
+        done = [] if plan["max_batches"] == 0 else run_backfill(
+            spark, cfg, new_model, run, max_batches=plan["max_batches"],
+            on_committed=tracker.on_committed if tracker else None, lease=lease,
+            rate=plan["rate"])
         aucs = tracker.finalize() if tracker else None
-    return {"run": run, "committed_now": done, "aucs": aucs,
+    return {"run": run, "committed_now": done, "aucs": aucs, "estimate": plan["lines"],
             "mlflow_run_id": tracker.run_id if tracker else None}
 
 

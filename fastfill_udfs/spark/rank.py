@@ -170,6 +170,17 @@ def planned_batch_udf(boundaries_bc):
     return planned_batch_id
 
 
+def order_metadata(h: ModelRef, policy: str) -> dict:
+    """What batch 0 records of the order: for ``auto``, the order h's forecast chose, the
+    MLflow run that holds the forecast, and the mixed-gallery calibration the chosen order
+    includes (the evaluation and search score the run's transformed items with it)."""
+    if policy != "auto":
+        return {"forecast_run": h.run_id}
+    spec = h.model.auto_order or {}
+    return {"order": spec.get("name"), "forecast_run": h.run_id,
+            "calibration": spec.get("calibration")}
+
+
 def training_pairs(spark: SparkSession, h: ModelRef, new_model: ModelRef) -> DataFrame | None:
     """The (id, embedding) pairs `h` was trained on (train_transformation.py records their table
     and version in h's MLflow run), or None for an `h` trained elsewhere. Raises ValueError when
@@ -207,6 +218,10 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: Model
     if policy == "uncertainty" and not model.has_uncertainty:
         raise ValueError("policy 'uncertainty' needs an h trained with the fastfill objective "
                          f"(h {h.version} has no uncertainty head)")
+    if policy == "auto":
+        from fastfill_udfs.spark.forecast import announce_forecast
+
+        announce_forecast(h)           # refuses an h without a forecast choice
     if policy == "prototype" and getattr(model, "prototypes", None) is None:
         raise ValueError(f"policy 'prototype' needs class prototypes stored with h (h {h.version} "
                          "has none): train h with pipelines/train_transformation.py on labelled "
@@ -298,7 +313,7 @@ def rank_gallery(spark: SparkSession, cfg: Config, h: ModelRef, new_model: Model
                        ("gallery_features", "backfill_plan+pairs")])
     fver = latest_version(spark, paths.gallery_features)
     metadata = {RANKED_ON: version, "policy": policy, "dataset": cfg.get_path("data.dataset"),
-                "h": h.identity,
+                "h": h.identity, **order_metadata(h, policy),
                 "new_model": new_model.identity, "new_dim": int(model.new_dim),
                 "image_column": image_col, "batching": batching, **counts}
     log_row = spark.createDataFrame(

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
-from fastfill_udfs.faiss_index import IndexSpec, VectorSpace
+from fastfill_udfs.faiss_index import IndexSpec, space_for
 from fastfill_udfs.search import (ServableIndex, check_query_model, embed_image_file,
                                   format_hits, parse_embedding)
 from fastfill_udfs.spark.delta_io import (TableNotFoundError, is_delta_table, read_table,
@@ -67,7 +67,8 @@ def plan_info(spark: SparkSession, cfg: Config, run: str) -> dict:
 
     meta = plan_metadata(spark, cfg, run) or {}
     return {"ranking": ranking_id(spark, cfg, run), "new_model": meta.get("new_model"),
-            "h": meta.get("h"), "ranked_on_gallery_version": meta.get("ranked_on_gallery_version")}
+            "h": meta.get("h"), "ranked_on_gallery_version": meta.get("ranked_on_gallery_version"),
+            "calibration": meta.get("calibration")}
 
 
 def build_servable(spark: SparkSession, cfg: Config, run: str, batch: int | None = None
@@ -86,7 +87,8 @@ def build_servable(spark: SparkSession, cfg: Config, run: str, batch: int | None
         labels.to_numpy(dtype=object),
         info={"run": run, "batch_id": batch_id, "features_version": version,
               "features_table": paths.gallery_features, **info},
-        spec=IndexSpec.from_config(cfg), space=VectorSpace.from_config(cfg))
+        spec=IndexSpec.from_config(cfg),
+        space=space_for(cfg.get_path("evaluation.distance"), info.get("calibration")))
     return served, note
 
 

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -81,25 +82,43 @@ def class_head(cfg: Config, new_model: ModelRef, new: np.ndarray, labels: np.nda
             "prototypes")
 
 
-def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
-    """Sample, embed and write `train_pairs`; returns {table, version, n_pairs, n_failed}."""
+def usable_gallery(spark: SparkSession, cfg: Config, version: int | None = None
+                   ) -> tuple[DataFrame, str]:
+    """(gallery rows with an old embedding free of NaN, at `version` (default latest), the
+    name of their image column)."""
+    gallery = read_table(spark, table_paths(cfg).gallery, version=version)
+    image_col = "image_uri" if "image_uri" in gallery.columns else "image"
+    return (gallery.where(F.col("old_embedding").isNotNull()
+                          & ~F.exists("old_embedding", lambda x: F.isnan(x))), image_col)
+
+
+def embed_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef, sample: DataFrame,
+                image_col: str, role: str) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(the pairs of `sample` (gallery rows) embedded by the new model: id, old_embedding,
+    new_embedding, label, role; the items whose image is missing (id, reason); every embedded
+    row with its `reason`, null when it embedded)."""
     from fastfill_udfs.spark.images import attach_images
     from fastfill_udfs.spark.ingest import embed_images
 
-    paths = table_paths(cfg)
-    gallery_version = latest_version(spark, paths.gallery)
-    gallery = read_table(spark, paths.gallery, version=gallery_version)
-    image_col = "image_uri" if "image_uri" in gallery.columns else "image"
-    usable = gallery.where(F.col("old_embedding").isNotNull()
-                           & ~F.exists("old_embedding", lambda x: F.isnan(x)))
-    sample = sample_rows(usable.select("id", "label", "old_embedding", image_col),
-                         cfg.get_path("transformation.train_rows"), cfg.get_path("seed"))
     missing = spark.createDataFrame([], "id string, reason string")
     if image_col == "image_uri":
         sample, missing = attach_images(spark, sample, cfg.get_path("data.image_root"))
     embedded = embed_images(spark, sample, new_model, cfg, ["id", "label", "old_embedding"])
     pairs = (embedded.where("reason IS NULL")
-             .select("id", "old_embedding", F.col("embedding").alias("new_embedding"), "label"))
+             .select("id", "old_embedding", F.col("embedding").alias("new_embedding"), "label",
+                     F.lit(role).alias("role")))
+    return pairs, missing, embedded
+
+
+def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
+    """Sample, embed and write `train_pairs` (role `sample`); returns {table, version, n_pairs,
+    n_failed, n_gallery}."""
+    paths = table_paths(cfg)
+    gallery_version = latest_version(spark, paths.gallery)
+    usable, image_col = usable_gallery(spark, cfg, gallery_version)
+    sample = sample_rows(usable.select("id", "label", "old_embedding", image_col),
+                         cfg.get_path("transformation.train_rows"), cfg.get_path("seed"))
+    pairs, missing, embedded = embed_pairs(spark, cfg, new_model, sample, image_col, "sample")
     write_table(pairs, paths.train_pairs, metadata={
         "gallery_version": gallery_version, "new_model": new_model.identity,
         "seed": cfg.get_path("seed"), "train_rows": cfg.get_path("transformation.train_rows")})
@@ -109,47 +128,56 @@ def build_pairs(spark: SparkSession, cfg: Config, new_model: ModelRef) -> dict:
         log.warning("train_transformation: %d sampled items could not be embedded (they stay "
                     "in the backfill plan)", n_failed)
     return {"table": paths.train_pairs, "version": latest_version(spark, paths.train_pairs),
-            "n_pairs": written.count(), "n_failed": n_failed}
+            "n_pairs": written.count(), "n_failed": n_failed, "n_gallery": usable.count()}
 
 
 MIN_HELD_OUT = 200   # fewer held-out pairs than this fit a benefit head worse than sigma's
 
 
-def _holdout_rows(cfg: Config, labels: np.ndarray | None
+def _holdout_rows(cfg: Config, labels: np.ndarray | None, n: int
                   ) -> tuple[np.ndarray | slice, np.ndarray | None]:
-    """(rows h trains on, held-out rows the order head / calibration are fitted on), or
-    (all rows, None) when nothing is fitted beyond h: `transformation.order_head=sigma` with
-    `calibration=none`, or no labels (the benefit is a retrieval gain, measured with labels)."""
+    """(rows h trains on, held-out rows the order head, calibration and forecast are fitted
+    on), or (all rows, None) when nothing is fitted beyond h: no forecast
+    (`forecast.enabled=false`) and `transformation.order_head=sigma` with `calibration=none`.
+    Without labels only the forecast is fitted on held-out rows (split at random)."""
     from fastfill_udfs.order_fitting import holdout_split
 
     t = cfg.get_path("transformation")
-    if t["order_head"] == "sigma" and t["calibration"] == "none":
+    forecast = cfg.get_path("forecast.enabled")
+    if not forecast and t["order_head"] == "sigma" and t["calibration"] == "none":
         return slice(None), None
+    fraction = float(t["holdout_fraction"])
+    held = int(round(fraction * n))
     if labels is None:
-        log.warning("train_transformation: no labels, so the order is h's own uncertainty head "
-                    "(transformation.order_head=%s and calibration=%s need labelled pairs)",
-                    t["order_head"], t["calibration"])
+        if not forecast:
+            log.warning("train_transformation: no labels, so the order is h's own uncertainty "
+                        "head (transformation.order_head=%s and calibration=%s need labelled "
+                        "pairs)", t["order_head"], t["calibration"])
+            return slice(None), None
+        if held < 2 or n - held < 2:
+            return slice(None), None
+        perm = np.random.default_rng(cfg.get_path("seed") + 4).permutation(n)
+        return np.sort(perm[held:]), np.sort(perm[:held])
+    if held < 2 or n - held < 2 or (held < MIN_HELD_OUT and not forecast):
+        if not forecast:
+            log.warning("train_transformation: %d held-out pairs (transformation.holdout_"
+                        "fraction=%s of %d) are too few to fit the order head on (at least %d), "
+                        "so the order is h's own uncertainty head; raise transformation."
+                        "train_rows", held, t["holdout_fraction"], n, MIN_HELD_OUT)
         return slice(None), None
-    held = int(round(float(t["holdout_fraction"]) * len(labels)))
-    if held < MIN_HELD_OUT:
-        log.warning("train_transformation: %d held-out pairs (transformation.holdout_fraction="
-                    "%s of %d) are too few to fit the order head on (at least %d), so the "
-                    "order is h's own uncertainty head; raise transformation.train_rows",
-                    held, t["holdout_fraction"], len(labels), MIN_HELD_OUT)
-        return slice(None), None
-    return holdout_split(labels, float(t["holdout_fraction"]), cfg.get_path("seed") + 4)
+    return holdout_split(labels, fraction, cfg.get_path("seed") + 4)
 
 
 def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model: ModelRef
                                     ) -> dict:
     """The whole job (see the module docstring). Returns {run_id, h_version, n_pairs,
-    class_term, pairs_table, pairs_version}. Raises ValueError (before any work) unless
-    models.h is `models:/<name>@<alias>`, or when no pair could be built."""
+    class_term, pairs_table, pairs_version, forecast}. Raises ValueError (before any work)
+    unless models.h is `models:/<name>@<alias>`, or when no pair could be built."""
     import mlflow
     import torch
 
     from fastfill_udfs import model_store
-    from fastfill_udfs.tracking import configure_mlflow
+    from fastfill_udfs.tracking import configure_mlflow, log_forecast
     from fastfill_udfs.training import train_transformation
 
     target = cfg.get_path("models.h")
@@ -169,12 +197,12 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
     with mlflow.start_run(run_name="train_transformation",
                           tags={"fastfill.kind": "train_transformation"}) as run:
         mlflow.log_params({
-            "pairs_table": built["table"], "pairs_version": built["version"],
-            "n_pairs": built["n_pairs"], "n_failed": built["n_failed"],
+            "pairs_table": built["table"], "n_pairs": built["n_pairs"],
+            "n_failed": built["n_failed"],
             "new_model": new_model.uri, "new_model_version": new_model.version,
             "new_model_weights": new_model.weights_hash, "class_term": class_term,
             **{f"h_{k}": v for k, v in t.items()}})
-        fit, held = _holdout_rows(cfg, labels)
+        fit, held = _holdout_rows(cfg, labels, len(pdf))
         h, history = train_transformation(
             old[fit], new[fit], None if labels is None else labels[fit],
             objective=t["objective"], new_classifier=head,
@@ -185,7 +213,9 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
             seed=cfg.get_path("seed") + 2, device="cuda" if torch.cuda.is_available() else "cpu")
         for epoch, value in enumerate(history.loss, start=1):
             mlflow.log_metric("loss_h", float(value), step=epoch)
-        if held is not None:
+        h_base = h
+        fitted = "sigma"
+        if held is not None and labels is not None and len(held) >= MIN_HELD_OUT:
             from fastfill_udfs.order_fitting import fit_h_extras
 
             h = fit_h_extras(h, old[held], new[held], labels[held], order_head=t["order_head"],
@@ -196,12 +226,71 @@ def train_transformation_on_gallery(spark: SparkSession, cfg: Config, new_model:
                              margin_weight=t["order_margin_weight"],
                              prototype_new=new, prototype_labels=labels,
                              seed=cfg.get_path("seed") + 3)
-        mlflow.log_params({"order_head_fitted": t["order_head"] if held is not None else "sigma",
-                           "n_pairs_held_out": 0 if held is None else len(held)})
+            fitted = t["order_head"]
+        elif held is not None and labels is not None:
+            log.warning("train_transformation: %d held-out pairs are too few to fit the order "
+                        "head on (at least %d): the uncertainty policy orders by h's own sigma; "
+                        "raise transformation.train_rows", len(held), MIN_HELD_OUT)
+        forecast, n_probe = None, 0
+        if cfg.get_path("forecast.enabled") and held is not None:
+            try:
+                forecast, n_probe, h = _forecast(spark, cfg, new_model, h_base, h, pdf, fit,
+                                                 held, labels, built)
+            except ValueError as exc:   # data the forecast cannot use: random order, said so
+                from fastfill_udfs.forecast import random_spec
+
+                log.warning("train_transformation: no forecast (%s): the auto policy will order "
+                            "at random", exc)
+                mlflow.log_params({"forecast_choice": "random",
+                                   "forecast_reason": f"no forecast: {exc}"[:5000]})
+                h = copy.deepcopy(h)
+                h.auto_order = random_spec(cfg.get_path("seed"))
+        elif cfg.get_path("forecast.enabled"):
+            from fastfill_udfs.forecast import random_spec
+
+            log.warning("train_transformation: %d pairs are too few to hold any out for the "
+                        "forecast: the auto policy will order at random; raise "
+                        "transformation.train_rows", len(pdf))
+            h = copy.deepcopy(h)
+            h.auto_order = random_spec(cfg.get_path("seed"))
+        pairs_version = latest_version(spark, built["table"])
+        mlflow.log_params({"order_head_fitted": fitted,
+                           "n_pairs_held_out": 0 if held is None else len(held),
+                           "n_probe": n_probe, "pairs_version": pairs_version})
+        if forecast is not None:
+            log_forecast(forecast)
+            for line in forecast.summary_lines():
+                log.info("%s", line)
         uri = model_store.log_model(h, "h")
         version = register_logged_model(uri, target, "h")
     log.info("train_transformation: h trained on %d pairs (%s), registered as %s (%s)",
              built["n_pairs"], class_term, version, target)
     return {"run_id": run.info.run_id, "h_version": version, "n_pairs": built["n_pairs"],
             "class_term": class_term, "pairs_table": built["table"],
-            "pairs_version": built["version"]}
+            "pairs_version": pairs_version, "n_probe": n_probe,
+            "forecast": None if forecast is None else forecast.decision}
+
+
+def _forecast(spark: SparkSession, cfg: Config, new_model: ModelRef, h_base, h, pdf, fit,
+              held, labels, built: dict):
+    """Prototypes for the forecast (class means of h's training pairs, or k-means clusters
+    without labels), then `spark.forecast.forecast_and_choose`. Returns (forecast, probes, h)."""
+    from fastfill_udfs.policies import fit_prototypes
+    from fastfill_udfs.spark.forecast import (HeldOut, _held_out, cluster_prototypes,
+                                              forecast_and_choose)
+
+    distance = cfg.get_path("evaluation.distance")
+    new_fit = np.stack(pdf["new_embedding"].to_numpy()[fit]).astype(np.float32)
+    h_base = copy.deepcopy(h_base)
+    if labels is not None:
+        h_base.prototypes = fit_prototypes(new_fit, labels[fit], distance=distance)
+    else:
+        h_base.prototypes = cluster_prototypes(new_fit, distance, cfg.get_path("seed") + 5)
+    if h.prototypes is None:      # no order head fitted: the registered h gets these
+        h = copy.deepcopy(h)
+        h.prototypes = h_base.prototypes
+    items: HeldOut = _held_out(pdf.iloc[held].reset_index(drop=True), labels is not None)
+    h, forecast, used = forecast_and_choose(spark, cfg, new_model, h_base, h, items,
+                                            n_gallery=built["n_gallery"],
+                                            n_pairs=len(pdf))
+    return forecast, used.n_probe, h

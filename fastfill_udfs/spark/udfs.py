@@ -17,12 +17,27 @@ import pandas as pd  # module level: the pandas UDF's type hints are resolved ag
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fastfill_udfs.inference import embed_batch
 from fastfill_udfs.model_loading import ModelPayload
-from fastfill_udfs.preprocess import Preprocess, stack_by_shape
+from fastfill_udfs.preprocess import Preprocess
 from fastfill_udfs.spark.arrow_utils import embedding_matrix, list_array
 
 _WORKER_EMBEDDERS: dict[tuple, object] = {}
+_BROADCASTS: dict[tuple, object] = {}
 TRANSFORM_STRUCT = "struct<transformed: array<float>, sigma: double>"
+
+
+def broadcast_payload(spark, payload: ModelPayload):
+    """One broadcast of `payload` per Spark application, reused by every job that runs the
+    model (a backfill embeds each batch with the same model: a ResNet-50 is ~100 MB to pickle,
+    ship and fetch again per batch otherwise)."""
+    sc = spark.sparkContext
+    key = (sc.applicationId, payload.key)
+    if key not in _BROADCASTS:
+        for old in [k for k in _BROADCASTS if k[0] != sc.applicationId]:
+            del _BROADCASTS[old]               # a stopped session's broadcasts are gone
+        _BROADCASTS[key] = sc.broadcast(payload)
+    return _BROADCASTS[key]
 
 
 def _worker_embedder(payload: ModelPayload, device: str, batch_size: int,
@@ -72,13 +87,14 @@ def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | Non
                  seed: int = 0) -> Callable:
     """mapInArrow function: old_embedding -> transformed embedding, sigma, the `policy`'s
     ordering score (`policies.order_scores`, from sigma, the id or, for ``prototype``, h's
-    output and the prototypes stored with h; omitted without a policy) and a `reason` for rows
+    output and the prototypes stored with h; ``auto``: h's forecast choice; omitted without a
+    policy) and a `reason` for rows
     that cannot be scored (null / wrong dimension / NaN input, or a non-finite output of h),
     which get null outputs."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
 
-        from fastfill_udfs.policies import order_scores
+        from fastfill_udfs.policies import auto_scores, order_scores
 
         h = payload_bc.value.load()
         torch.set_num_threads(1)
@@ -91,67 +107,150 @@ def transform_fn(payload_bc, old_dim: int, keep: list[str], *, policy: str | Non
             cols["sigma"] = pa.array(sigma, mask=bad)
             if policy is not None:
                 ids = batch.column("id").to_numpy(zero_copy_only=False)
-                score = order_scores(policy, sigma=np.where(bad, 0.0, sigma), ids=ids, seed=seed,
-                                     transformed=emb, prototypes=h.prototypes)
+                if policy == "auto":
+                    score = auto_scores(h, np.where(bad[:, None], 0.0, old), ids, seed)
+                else:
+                    score = order_scores(policy, sigma=np.where(bad, 0.0, sigma), ids=ids,
+                                         seed=seed, transformed=emb, prototypes=h.prototypes)
                 cols["score"] = pa.array(score, mask=bad)
             cols["reason"] = pa.array(reasons.tolist(), pa.string())
             yield pa.RecordBatch.from_pydict(cols)
     return run
 
 
-def embed_batch(embedder, preprocess: Preprocess, ids: list, images: list
-                ) -> tuple[np.ndarray | None, list]:
-    """Decode `images` (encoded bytes) per `preprocess` and embed them: (embeddings [n, d] with
-    zero rows where a reason is set, reasons (None for good rows)). Undecodable images, images
-    the model cannot take and non-finite outputs get a reason naming the item."""
-    from fastfill_udfs.data import ImageDecodeError
+def spread_over_slots(spark, df):
+    """`df` spread evenly over every task slot of the application when it is read in few
+    partitions (fewer than twice the slots): a small backfill batch's rows come from one or two
+    Parquet files, one partition holding nearly all of them, so one task (one core, or one
+    GPU) would embed them while the others idle. Plans with a shuffle are left as they are
+    (their partitions are the shuffle's, and counting them would run it)."""
+    sc = spark.sparkContext
+    slots = max(1, sc.defaultParallelism // max(1, int(sc.getConf().get("spark.task.cpus",
+                                                                           "1"))))
+    try:
+        if slots <= 1 or "Exchange" in df._jdf.queryExecution().sparkPlan().toString():
+            return df
+        if df.rdd.getNumPartitions() >= 2 * slots:  # a scan: counting splits runs no job
+            return df
+    except Exception:  # Spark Connect has no JVM plan to read: leave the partitions as they are
+        return df
+    return df.repartition(slots)
 
-    decoded, reasons = [], []
-    for item_id, data in zip(ids, images):
-        try:
-            decoded.append(preprocess.decode(data, item_id=item_id))
-            reasons.append(None)
-        except ImageDecodeError as exc:
-            decoded.append(None)
-            reasons.append(str(exc))
-    good = [i for i, r in enumerate(reasons) if r is None]
-    out = None
-    for shape, members in stack_by_shape([decoded[i] for i in good]).items():
-        rows = [good[j] for j in members]
-        try:
-            emb, bad = embedder.embed_with_flags(np.stack([decoded[i] for i in rows]))
-        except Exception as exc:  # the model rejects this image size / mode
-            for i in rows:
-                reasons[i] = (f"item {ids[i]!r}: the model cannot embed an image of shape "
-                              f"{list(shape)}: {type(exc).__name__}: {exc}")
-            continue
-        if out is None:
-            out = np.zeros((len(ids), emb.shape[1]), np.float32)
-        out[rows] = emb
-        for i, b in zip(rows, bad):
-            if b:
-                reasons[i] = f"item {ids[i]!r}: new-model output is NaN or inf"
-    return out, reasons
+
+def task_device(device: str) -> str:
+    """The device a task's model runs on: for "auto" / "cuda" in a task that Spark gave a GPU
+    (`spark.task.resource.gpu.amount`), that GPU (`cuda:<address>`), so the tasks of a
+    multi-GPU executor do not all share GPU 0; otherwise `device` unchanged."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if device not in ("auto", "cuda") or ctx is None:
+        return device
+    gpu = (ctx.resources() or {}).get("gpu")
+    addresses = list(getattr(gpu, "addresses", None) or [])
+    import torch
+
+    if not addresses or not torch.cuda.is_available():
+        return device
+    import os
+
+    address = str(addresses[0]).strip()
+    masked = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+              if v.strip()]
+    if address in masked:      # the cluster manager masked the devices: renumbered from 0
+        return f"cuda:{masked.index(address)}"
+    if address.isdigit() and int(address) < torch.cuda.device_count():
+        return f"cuda:{int(address)}"
+    return device
+
+
+def _task_cores() -> int:
+    """The cores of the Spark task running this code (`spark.task.cpus`); outside a task, the
+    cores this process may use."""
+    from pyspark import TaskContext
+
+    from fastfill_udfs.preprocess import host_workers
+
+    ctx = TaskContext.get()
+    return max(1, int(ctx.cpus())) if ctx is not None else host_workers()
+
+
+def _profile(record: dict) -> None:
+    """Append `record` as a JSON line to $FASTFILL_PROFILE/<pid>.jsonl when that is set (a
+    folder; the benchmarks read where the workers' time goes from it)."""
+    import json
+    import os
+
+    folder = os.environ.get("FASTFILL_PROFILE")
+    if folder:
+        with open(os.path.join(folder, f"embed-{os.getpid()}.jsonl"), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
 
 def embed_images_fn(payload_bc, keep: list[str], preprocess: Preprocess, *,
-                    device: str = "auto", batch_size: int = 256) -> Callable:
+                    device: str = "auto", batch_size: int = 256, decode_device: str = "auto",
+                    decode_threads: int = 0, prefetch: bool = True,
+                    torch_threads: int = 0) -> Callable:
     """mapInArrow function: encoded `image` bytes -> `embedding` with the model; items that
-    cannot be embedded get a null embedding and a `reason`."""
+    cannot be embedded get a null embedding and a `reason`.
+
+    Images are decoded on the model's GPU when `decode_device` allows it (`preprocess.
+    choose_decode_device`), else on `decode_threads` host threads (0 = the task's cores,
+    `spark.task.cpus`); with `prefetch`, `batch_size` images at a time, the next ones decoded
+    while the model runs. On a CPU the model runs on `torch_threads` threads (0 = the task's
+    cores; -1 = as the worker started)."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        embedder = _worker_embedder(payload_bc.value, device, batch_size, preprocess)
+        import time
+
+        from fastfill_udfs.preprocess import choose_decode_device
+
+        t_load = time.perf_counter()
+        embedder = _worker_embedder(payload_bc.value, task_device(device), batch_size,
+                                    preprocess)
+        where = choose_decode_device(decode_device, embedder.device)
+        cores = _task_cores()
+        workers = decode_threads or cores
+        if not embedder.is_cuda and torch_threads >= 0:
+            _set_torch_threads(torch_threads or cores)  # the model computes on the task's cores
+        load_s = time.perf_counter() - t_load
         for batch in batches:
+            t0 = time.perf_counter()
             ids = batch.column("id").to_pylist()
-            out, reasons = embed_batch(embedder, preprocess, ids,
-                                       batch.column("image").to_pylist())
+            images = batch.column("image").to_pylist()
+            timings: dict = {}
+            t1 = time.perf_counter()
+            out, reasons = embed_batch(embedder, preprocess, ids, images, decode_device=where,
+                                       workers=workers, chunk=batch_size if prefetch else 0,
+                                       timings=timings)
+            t2 = time.perf_counter()
             bad = np.array([r is not None for r in reasons], dtype=bool)
             if out is None:
                 out = np.zeros((len(ids), 1), np.float32)
             cols = _passthrough(batch, keep)
             cols["embedding"] = _masked_list(out, bad)
             cols["reason"] = pa.array(reasons, pa.string())
-            yield pa.RecordBatch.from_pydict(cols)
+            result = pa.RecordBatch.from_pydict(cols)
+            _profile({"rows": len(ids), "load_s": load_s, "arrow_in_s": t1 - t0,
+                      "arrow_out_s": time.perf_counter() - t2, **timings,
+                      "decode_device": where, "decode_threads": workers,
+                      "torch_threads": _torch_threads(), "start": t0,
+                      "end": time.perf_counter()})
+            load_s = 0.0
+            yield result
     return run
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def transformation_udf(h, spark=None):
