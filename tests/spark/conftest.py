@@ -8,9 +8,9 @@
 - `e2e_run`: the reference run (uncertainty policy): rank, then backfill every batch with
   evaluation, through the same job functions the `pipelines/` entrypoints call.
 - `own_gallery`: a foreign user's gallery (own_gallery_data.py) through the README's "Your own
-  gallery" commands, each a plain spark-submit: ingested, h trained, run
-  `products_uncertainty` ranked, backfilled and evaluated; `make_cfg(run_name)` for runs of
-  its own on that gallery and h.
+  gallery" commands, each a plain spark-submit: ingested, h trained, run `products_auto`
+  (the default policy) ranked, backfilled and evaluated; `make_cfg(run_name)` for runs of its
+  own on that gallery and h.
 """
 from __future__ import annotations
 

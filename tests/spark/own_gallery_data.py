@@ -153,7 +153,7 @@ def readme_overrides(setup: dict) -> list[str]:
 def run_readme_commands(root: Path) -> dict:
     """A foreign gallery under `root` (make_gallery, `broken` and `missing` rows) taken through
     the README's config (written to root/my_gallery.yaml) and its five commands, each a plain
-    spark-submit: ingested, h trained and registered, run `products_uncertainty` ranked,
+    spark-submit: ingested, h trained and registered, run `products_auto` ranked,
     backfilled and evaluated. Returns the setup, the config file, the overrides and each
     command's output; a command that fails fails the caller, naming it."""
     setup = make_gallery(root, PER_CLASS, broken=7, missing=11)

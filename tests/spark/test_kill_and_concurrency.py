@@ -1,6 +1,6 @@
 """Crashes as they really happen, and two jobs at once, on the session's own gallery (the
-README's commands made it): `spark-submit pipelines/backfill.py` is started as a process group
-and killed with SIGKILL (a) during new-model inference, (b) right after a batch's MERGE commit
+README's commands made it, in their default `auto` policy): `spark-submit pipelines/backfill.py`
+is started as a process group and killed with SIGKILL (a) during new-model inference, (b) right after a batch's MERGE commit
 appears in `_delta_log`, before its log row, (c) after a batch is logged, before its evaluation
 reaches MLflow (one run, killed three times in a row). A fresh process then finishes the run:
 exactly one feature row per id, every planned batch once in `backfill_log` and once in the MERGE
@@ -29,8 +29,8 @@ CURVE = ("mAP", "top1", "top5", "backfill_fraction")
 @pytest.fixture(scope="module")
 def kill_env(spark, own_gallery):
     """The session's own gallery (README commands: ingested, h trained) with its README run
-    `products_uncertainty` as the uninterrupted reference: same gallery, h, policy and batches
-    (four, one item of the plan with a missing image)."""
+    `products_auto` as the uninterrupted reference: same gallery, h, policy (auto: the order
+    h's forecast chose) and batches (four, one item of the plan with a missing image)."""
     from mlflow.tracking import MlflowClient
 
     from fastfill_udfs.tracking import configure_mlflow, find_backfill_run
@@ -39,7 +39,7 @@ def kill_env(spark, own_gallery):
     configure_mlflow(cfg)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.get_path("mlflow.experiment")).experiment_id
-    reference = find_backfill_run(client, exp, "products_uncertainty")
+    reference = find_backfill_run(client, exp, "products_auto")
     assert reference is not None and reference.info.status == "FINISHED"
     return {**own_gallery, "reference": {
         "mlflow_run_id": reference.info.run_id,
@@ -47,9 +47,11 @@ def kill_env(spark, own_gallery):
 
 
 def _start(env_, run_name: str, log: Path, **extra_env) -> subprocess.Popen:
-    cmd = [str(SPARK_SUBMIT), "pipelines/backfill.py", "--config", str(env_["conf"]),
-           "--policy", "uncertainty"]
-    for o in env_["overrides"] + [f"run_name={run_name}"]:
+    """The README's backfill command on run `<run_name>_auto`, without the rate measurement
+    before batch 1 (backfill.throughput_sample=0): the first new-model inference is batch 1's,
+    where the tests kill or hold a job; the curve is the same."""
+    cmd = [str(SPARK_SUBMIT), "pipelines/backfill.py", "--config", str(env_["conf"])]
+    for o in env_["overrides"] + [f"run_name={run_name}", "backfill.throughput_sample=0"]:
         cmd += ["--set", o]
     out = open(log, "w")
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -105,7 +107,7 @@ def _finish_and_check(spark, kill_env, run_name: str, rerun: Path | None) -> Non
         proc = _start(kill_env, run_name, rerun)
         assert proc.wait(timeout=900) == 0, rerun.read_text()[-4000:]
     cfg = kill_env["make_cfg"](run_name)
-    run = f"{run_name}_uncertainty"
+    run = f"{run_name}_auto"
     paths = table_paths(cfg, run)
     n_batches = len(planned_batches(spark, cfg, run))
     feats = read_table(spark, paths.gallery_features).toPandas()
@@ -140,8 +142,8 @@ def test_killed_three_ways_then_finished_by_a_fresh_process(spark, kill_env, tmp
     from fastfill_udfs.spark.jobs import rank_job
 
     cfg = kill_env["make_cfg"]("kill")
-    rank_job(cfg, policy="uncertainty")
-    paths = table_paths(cfg, "kill_uncertainty")
+    rank_job(cfg)                                      # auto, as the README's run
+    paths = table_paths(cfg, "kill_auto")
     ranked_at = latest_version(spark, paths.gallery_features)
 
     def logged() -> list[int]:
@@ -183,7 +185,7 @@ def test_two_jobs_on_one_run_commit_each_batch_once(spark, kill_env, tmp_path):
     from fastfill_udfs.tracking import configure_mlflow, find_backfill_run
 
     cfg = kill_env["make_cfg"]("twin")
-    rank_job(cfg, policy="uncertainty")
+    rank_job(cfg)
     marker, hold = tmp_path / "inference-started", tmp_path / "go-on"
     logs = [tmp_path / "one.log", tmp_path / "two.log"]
     procs = [_start(kill_env, "twin", log, SLOW_MODEL_MARKER=str(marker),
@@ -202,7 +204,7 @@ def test_two_jobs_on_one_run_commit_each_batch_once(spark, kill_env, tmp_path):
         configure_mlflow(cfg)
         client = MlflowClient()
         exp = client.get_experiment_by_name(cfg.get_path("mlflow.experiment")).experiment_id
-        running = find_backfill_run(client, exp, "twin_uncertainty")
+        running = find_backfill_run(client, exp, "twin_auto")
         job = running.data.tags["fastfill.job"]
         assert running.info.status == "RUNNING" and job
         assert f"is already being backfilled by {job}" in outputs[loser]

@@ -2,9 +2,10 @@
 commands (plain spark-submit): PNG files on disk referenced by relative path, old embeddings
 made by a torch module that only this test knows, a new model defined in a test module and
 logged by the test as an MLflow pytorch model. ingest -> train_transformation -> rank_gallery
--> backfill -> evaluate: counts reconcile, the sampled items are never embedded again, a
-missing image and a broken old embedding are quarantined, and the uncertainty order beats the
-random order on mAP AUC."""
+-> backfill -> evaluate, in the README's default `auto` policy (run `products_auto`): counts
+reconcile, the sampled and probed items are never embedded again, a missing image and a broken
+old embedding are quarantined, the forecast's decision is logged, and the auto order's realised
+mAP AUC is not below the random order's (issue 25)."""
 from __future__ import annotations
 
 import tempfile
@@ -14,6 +15,9 @@ import pytest
 import yaml
 
 from .own_gallery_data import N_CLASSES, ROOT, TRAIN_ROWS, readme_commands, readme_config
+
+RUN = "products_auto"      # the README's commands name no policy: backfill.policy's default
+AUC_TOLERANCE = 0.005      # half a mAP point (forecast.stop_epsilon's default)
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +53,24 @@ def run(spark, own_gallery):
     """The README run's config, tables (as pandas), MLflow client and the user's h version."""
     from mlflow.tracking import MlflowClient
 
-    from fastfill_udfs.spark.delta_io import read_table, table_paths
+    from fastfill_udfs.spark.delta_io import read_table, run_id_for, table_paths
     from fastfill_udfs.tracking import configure_mlflow
 
     cfg = own_gallery["make_cfg"]()
-    paths = table_paths(cfg, "products_uncertainty")
+    assert run_id_for(cfg) == RUN
+    paths = table_paths(cfg, RUN)
     configure_mlflow(cfg)
     client = MlflowClient()
     quarantine = read_table(spark, paths.quarantine).toPandas()
-    quarantine = quarantine[quarantine["run"] == "products_uncertainty"]
+    quarantine = quarantine[quarantine["run"] == RUN]
+    h_version = client.get_model_version_by_alias("product_embedder_h", "champion")
+    pairs = read_table(spark, paths.train_pairs).toPandas()
     return {
-        "cfg": cfg, "paths": paths, "client": client,
-        "h_version": client.get_model_version_by_alias("product_embedder_h", "champion"),
+        "cfg": cfg, "paths": paths, "client": client, "h_version": h_version,
+        "h_params": client.get_run(h_version.run_id).data.params,
         "gallery": read_table(spark, paths.gallery).toPandas().set_index("id"),
-        "pairs": read_table(spark, paths.train_pairs).toPandas(),
+        "pairs": pairs, "sample": pairs[pairs["role"] == "sample"],
+        "probes": pairs[pairs["role"] == "probe"],
         "plan": read_table(spark, paths.backfill_plan).toPandas(),
         "at_rank": quarantine[quarantine["stage"] == "rank"],
         "at_backfill": quarantine[quarantine["stage"] == "backfill"],
@@ -80,22 +88,51 @@ def test_ingest_takes_the_users_table_as_the_contracts_gallery(foreign_setup, ru
 
 
 def test_train_transformation_samples_pairs_by_label_and_registers_h(foreign_setup, run):
-    pairs = run["pairs"]       # the sample's pairs, and h registered where models.h points
-    assert 0 < len(pairs) <= TRAIN_ROWS and pairs["id"].is_unique
+    pairs, sample = run["pairs"], run["sample"]  # h's sample, and h where models.h points
+    assert pairs["id"].is_unique and set(pairs["role"]) <= {"sample", "probe"}
+    assert 0 < len(sample) <= TRAIN_ROWS
     assert foreign_setup["broken"] not in set(pairs["id"])
-    per_class = pairs["label"].value_counts()          # stratified by label (the missing
+    per_class = sample["label"].value_counts()         # stratified by label (the missing
     assert sorted(per_class.index) == list(range(N_CLASSES))   # image may cost class 0 one)
     assert per_class.max() == TRAIN_ROWS // N_CLASSES and per_class.min() >= per_class.max() - 1
-    h_params = run["client"].get_run(run["h_version"].run_id).data.params
+    h_params = run["h_params"]
     assert h_params["class_term"] == "prototypes"
     assert h_params["new_model_version"] == "models:/product_embedder/1"
-    # 64 pairs are too few to hold some out for the benefit head: h's own sigma orders
-    assert h_params["order_head_fitted"] == "sigma" and h_params["n_pairs_held_out"] == "0"
+    assert int(h_params["n_pairs"]) == len(sample)
+    # the forecast holds pairs out of h's training; a handful (< MIN_HELD_OUT) is too few to fit
+    # the benefit head on, so h's own sigma is its uncertainty order
+    assert 0 < int(h_params["n_pairs_held_out"]) < len(sample)
+    assert h_params["order_head_fitted"] == "sigma"
+
+
+def test_train_transformation_probes_within_budget_and_logs_the_forecast(run):
+    """Too few held-out pairs for the forecast (forecast.min_items): it embeds gallery items as
+    probes, at most forecast.probe_max_share of the gallery, and logs them and its decision."""
+    from fastfill_udfs.model_loading import load_configured_model
+
+    cfg, h_params, probes = run["cfg"], run["h_params"], run["probes"]
+    assert len(run["pairs"]) == len(run["sample"]) + len(probes)
+    budget = int(cfg.get_path("forecast.probe_max_share") * len(run["gallery"]))
+    assert 0 < len(probes) <= budget
+    assert int(h_params["n_probe"]) == int(h_params["forecast_probes"]) == len(probes)
+    assert h_params["forecast_metric"] == "mAP" and h_params["forecast_reason"]
+    held_out = int(h_params["n_pairs_held_out"])
+    assert int(h_params["forecast_items"]) == held_out + len(probes)
+    artifacts = {a.path for a in run["client"].list_artifacts(run["h_version"].run_id,
+                                                              "forecast")}
+    assert {"forecast/forecast.json", "forecast/forecast.png"} <= artifacts
+    # the order h carries for `auto` is the one the logged decision named
+    order = load_configured_model(cfg, "h").model.auto_order
+    choice = h_params["forecast_choice"]
+    if choice.startswith("random"):
+        assert order["random"], (choice, order)
+    else:
+        assert order["name"] == choice and not order.get("random"), (choice, order)
 
 
 def test_rank_plans_all_but_the_pairs_and_quarantines_the_broken_row(foreign_setup, run):
     plan, pairs, at_rank = run["plan"], run["pairs"], run["at_rank"]
-    # pairs are new at batch 0 and not in the plan; the broken row is quarantined
+    # pairs (sample and probes) are new at batch 0, not in the plan; the broken row quarantined
     assert at_rank["id"].tolist() == [foreign_setup["broken"]]
     assert not set(pairs["id"]) & set(plan["id"])
     assert len(plan) + len(pairs) + len(at_rank) == len(foreign_setup["ids"])
@@ -113,7 +150,7 @@ def test_backfill_embeds_every_planned_item_but_the_missing_image(spark, foreign
     assert (feats.drop(index=missing)["source"] == "new").all()
     assert set(feats["model_version"]) == {"models:/product_embedder/1",
                                            f"models:/product_embedder_h/{run['h_version'].version}"}
-    # the sampled items were never embedded again: still batch 0, the pairs' very vectors
+    # the sampled and probed items were never embedded again: batch 0, the pairs' very vectors
     sampled = feats.loc[pairs["id"]]
     assert (sampled["batch_id"] == 0).all()
     np.testing.assert_array_equal(np.stack(sampled["embedding"]), np.stack(pairs["new_embedding"]))
@@ -126,12 +163,19 @@ def test_backfill_embeds_every_planned_item_but_the_missing_image(spark, foreign
     assert log["n_items"].iloc[1:].sum() + len(at_backfill) == len(plan)
 
 
-def test_evaluate_finds_the_uncertainty_order_beats_random_on_map_auc(run, random_run):
+def test_evaluate_finds_the_auto_order_not_below_random_on_map_auc(run, random_run):
+    from fastfill_udfs.tracking import find_backfill_run
+
     client, cfg = run["client"], run["cfg"]
     experiment = client.get_experiment_by_name(cfg.get_path("mlflow.experiment")).experiment_id
     aucs = {}
-    for policy in ("uncertainty", "random"):
-        runs = client.search_runs([experiment],
-                                  filter_string=f"tags.`fastfill.run` = 'products_{policy}'")
-        aucs[policy] = runs[0].data.metrics["mAP_auc"]
-    assert aucs["uncertainty"] > aucs["random"] + 0.005, aucs
+    for name in (RUN, random_run["run"]):
+        runs = client.search_runs([experiment], filter_string=f"tags.`fastfill.run` = '{name}'")
+        assert len(runs) == 1, name
+        aucs[name] = runs[0].data.metrics["mAP_auc"]
+    assert random_run["run"] == "products_random"
+    assert aucs[RUN] >= aucs["products_random"] - AUC_TOLERANCE, aucs
+    # the backfill run names the order it took: the one train_transformation's forecast chose
+    backfill = find_backfill_run(client, experiment, RUN).data.params
+    assert backfill["forecast_order"] == run["h_params"]["forecast_choice"]
+
