@@ -29,6 +29,7 @@ setup(
         "pyyaml>=6",
         "matplotlib>=3.8",
         "pillow>=10",
+        "deltalake>=1.6,<2",       # reads Delta image tables without a JVM (data/images.py)
     ],
     extras_require={
         "dev": ["pytest>=8", "scikit-learn>=1.5"],

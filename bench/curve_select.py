@@ -45,14 +45,14 @@ def fit_feature_head(feats_A: np.ndarray, benefit_A: np.ndarray, seed: int = 0):
     head): returns a function features -> predicted benefit rank."""
     import torch
 
-    from fastfill_udfs.training import _fit_head, seed_everything
+    from fastfill_udfs.training import fit_head, seed_everything
 
     gen = seed_everything(seed)
     ranks = rank01(benefit_A)
     target = torch.from_numpy(6.0 * ranks - 3.0).float()
     x = torch.from_numpy(feats_A).float()
-    head = _fit_head(x, lambda s: (s - target).pow(2).mean(), x.shape[1], 64, 0.0, 300, 1e-2,
-                     1e-4, gen)
+    head = fit_head(x, lambda s: (s - target).pow(2).mean(), x.shape[1], 64, 0.0, 300, 1e-2,
+                    1e-4, gen)
 
     def predict(feats):
         with torch.no_grad():

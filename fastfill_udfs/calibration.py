@@ -29,26 +29,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastfill_udfs.metrics import DISTANCES, similarity_scores
+from fastfill_udfs.arrays import l2_normalise, to_numpy
+from fastfill_udfs.metrics import check_distance, similarity_scores
 
-__all__ = ["CALIBRATION_VERSION", "identity_calibration", "fit_calibration", "check_calibration",
+__all__ = ["CALIBRATIONS", "CALIBRATION_VERSION", "identity_calibration", "fit_calibration", "check_calibration",
            "item_correction", "calibrated_scores", "augment_queries", "augment_gallery",
            "augmented_dim"]
 
+CALIBRATIONS = ("none", "affine", "affine_sigma")  # transformation.calibration (order_fitting)
 CALIBRATION_VERSION = 1
 _KEYS = ("version", "distance", "scale", "bias", "sigma_weight")
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def identity_calibration(distance: str = "cosine") -> dict:
     """Parameters that change nothing (scale 1, bias 0, no sigma term)."""
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    check_distance(distance)
     return {"version": CALIBRATION_VERSION, "distance": distance, "scale": 1.0, "bias": 0.0,
             "sigma_weight": 0.0}
 
@@ -64,9 +59,7 @@ def check_calibration(params) -> dict:
     if params["version"] != CALIBRATION_VERSION:
         raise ValueError(f"calibration params version {params['version']!r} is not "
                          f"{CALIBRATION_VERSION}")
-    if params["distance"] not in DISTANCES:
-        raise ValueError(f"calibration params distance must be one of {DISTANCES}, "
-                         f"got {params['distance']!r}")
+    check_distance(params["distance"], "calibration params distance")
     out = dict(params)
     for k in ("scale", "bias", "sigma_weight"):
         v = params[k]
@@ -80,7 +73,7 @@ def check_calibration(params) -> dict:
 
 
 def _is_transformed(is_transformed, n: int) -> np.ndarray:
-    t = _to_numpy(is_transformed)
+    t = to_numpy(is_transformed)
     if t.ndim == 0:
         t = np.full(n, bool(t))
     if t.shape != (n,) or t.dtype != np.bool_:
@@ -94,7 +87,7 @@ def _log_sigma(sigma, n: int, params: dict) -> np.ndarray:
         return np.zeros(n)
     if sigma is None:
         raise ValueError("these calibration params weigh sigma (sigma_weight != 0): pass sigma")
-    s = _to_numpy(sigma).astype(np.float64)
+    s = to_numpy(sigma).astype(np.float64)
     if s.shape != (n,):
         raise ValueError(f"sigma must have {n} entries, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
@@ -110,7 +103,7 @@ def item_correction(params: dict, is_transformed, sigma=None, n: int | None = No
     scalar with ``n``); ``sigma`` per item (needed when ``sigma_weight != 0``; entries of new
     items are ignored but must be positive). Raises ValueError naming a bad argument."""
     p = check_calibration(params)
-    t = _to_numpy(is_transformed)
+    t = to_numpy(is_transformed)
     if t.ndim == 0:
         if n is None:
             raise ValueError("n is needed when is_transformed is a scalar")
@@ -124,7 +117,7 @@ def item_correction(params: dict, is_transformed, sigma=None, n: int | None = No
 
 def calibrated_scores(params: dict, scores, is_transformed, sigma=None) -> np.ndarray:
     """Apply the correction to a raw (queries x gallery) score matrix (columns = items)."""
-    s = _to_numpy(scores).astype(np.float64)
+    s = to_numpy(scores).astype(np.float64)
     if s.ndim != 2:
         raise ValueError(f"scores must be 2-D (queries x gallery), got shape {s.shape}")
     scale, bias = item_correction(params, _is_transformed(is_transformed, s.shape[1]), sigma)
@@ -175,13 +168,12 @@ def fit_calibration(query_emb, query_labels, gallery_new, gallery_transformed, g
     """
     if not 0 < neighbourhood <= 1:
         raise ValueError(f"neighbourhood must be in (0, 1], got {neighbourhood}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    check_distance(distance)
     if not 0 < negative_fraction <= 1:
         raise ValueError(f"negative_fraction must be in (0, 1], got {negative_fraction}")
-    q = _to_numpy(query_emb).astype(np.float64)
-    gn, gt = _to_numpy(gallery_new), _to_numpy(gallery_transformed)
-    ql, gl = _to_numpy(query_labels), _to_numpy(gallery_labels)
+    q = to_numpy(query_emb).astype(np.float64)
+    gn, gt = to_numpy(gallery_new), to_numpy(gallery_transformed)
+    ql, gl = to_numpy(query_labels), to_numpy(gallery_labels)
     if q.ndim != 2 or gn.ndim != 2 or gt.shape != gn.shape or gn.shape[1] != q.shape[1]:
         raise ValueError(f"query_emb {q.shape}, gallery_new {gn.shape} and gallery_transformed "
                          f"{gt.shape} must be 2-D with one dim, the galleries of one shape")
@@ -192,7 +184,7 @@ def fit_calibration(query_emb, query_labels, gallery_new, gallery_transformed, g
     if use_sigma:
         if sigma is None:
             raise ValueError("use_sigma needs sigma")
-        ls = np.log(_to_numpy(sigma).astype(np.float64))
+        ls = np.log(to_numpy(sigma).astype(np.float64))
         if ls.shape != (len(gn),) or not np.all(np.isfinite(ls)):
             raise ValueError(f"sigma must be finite, > 0, with {len(gn)} entries")
     rng = np.random.default_rng(seed)
@@ -248,13 +240,12 @@ def augment_queries(params: dict, queries) -> np.ndarray:
     (float32). Their inner product with :func:`augment_gallery` vectors is exactly the
     calibrated score (for l2 the full ``scale_j * -||q - g||^2 + bias_j``)."""
     p = check_calibration(params)
-    q = _to_numpy(queries).astype(np.float64)
+    q = to_numpy(queries).astype(np.float64)
     if q.ndim != 2:
         raise ValueError(f"queries must be 2-D, got shape {q.shape}")
     ones = np.ones((len(q), 1))
     if p["distance"] == "cosine":
-        n = np.linalg.norm(q, axis=1, keepdims=True)
-        return np.hstack([q / np.where(n > 0, n, 1.0), ones]).astype(np.float32)
+        return np.hstack([l2_normalise(q), ones]).astype(np.float32)
     return np.hstack([q, ones, np.einsum("ij,ij->i", q, q)[:, None]]).astype(np.float32)
 
 
@@ -265,14 +256,12 @@ def augment_gallery(params: dict, vectors, is_transformed, sigma=None) -> np.nda
     with :func:`augment_queries` = ``scale_j * score(q, g) + bias_j`` exactly: cosine, or
     ``-||q - g||^2``. Raises ValueError naming a bad argument."""
     p = check_calibration(params)
-    g = _to_numpy(vectors).astype(np.float64)
+    g = to_numpy(vectors).astype(np.float64)
     if g.ndim != 2:
         raise ValueError(f"vectors must be 2-D, got shape {g.shape}")
     scale, bias = item_correction(p, _is_transformed(is_transformed, len(g)), sigma)
     if p["distance"] == "cosine":
-        n = np.linalg.norm(g, axis=1, keepdims=True)
-        gn = g / np.where(n > 0, n, 1.0)
-        return np.hstack([gn * scale[:, None], bias[:, None]]).astype(np.float32)
+        return np.hstack([l2_normalise(g) * scale[:, None], bias[:, None]]).astype(np.float32)
     sq = np.einsum("ij,ij->i", g, g)
     return np.hstack([2.0 * scale[:, None] * g, (bias - scale * sq)[:, None],
                       -scale[:, None]]).astype(np.float32)

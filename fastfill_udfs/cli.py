@@ -31,19 +31,6 @@ def setup_logging() -> None:
 EXIT_CONFIG, EXIT_REFUSED, EXIT_BUSY = 2, 4, 3
 
 
-def refusal_errors() -> tuple[type, ...]:
-    """Errors that refuse a job on purpose, before it changes anything: their message says
-    what is wrong and what to do, so the job prints it and exits without a traceback."""
-    from fastfill_udfs.model_loading import ModelNotFoundError
-    from fastfill_udfs.spark.backfill import ModelMismatchError
-    from fastfill_udfs.spark.delta_io import TableNotFoundError
-    from fastfill_udfs.spark.forecast import NoForecastError
-    from fastfill_udfs.spark.rank import StaleRankingError
-
-    return (ModelNotFoundError, ModelMismatchError, TableNotFoundError, StaleRankingError,
-            NoForecastError)
-
-
 def run_job(parser: argparse.ArgumentParser, job: Callable[[Config, argparse.Namespace], object],
             argv: Sequence[str] | None = None) -> int:
     """Parse args, load config and run `job(cfg, args)`. Exit codes: 0 done, 2 config error,
@@ -58,7 +45,7 @@ def run_job(parser: argparse.ArgumentParser, job: Callable[[Config, argparse.Nam
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     from fastfill_udfs.spark.lease import RunBusyError
-    from fastfill_udfs.spark.run_status import JobTerminated
+    from fastfill_udfs.spark.run_status import JobTerminated, refusal_errors
 
     try:
         job(cfg, args)

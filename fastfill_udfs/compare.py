@@ -72,25 +72,11 @@ def find_runs(cfg: Config, run_prefix: str | None = None,
     return runs.drop_duplicates("run", keep="last").reset_index(drop=True)
 
 
-def delta_ranking(spark, log_table: str) -> str | None:
-    """The ranking recorded in a run's backfill_log (when its batch 0 started, microseconds
-    since the epoch, as `evaluate.ranking_id`), or None when the table or batch 0 is gone."""
-    from pyspark.sql import functions as F
-
-    from fastfill_udfs.spark.delta_io import is_delta_table, read_table
-
-    if not is_delta_table(spark, log_table):
-        return None
-    row = (read_table(spark, log_table).where("batch_id = 0")
-           .select(F.unix_micros("started_at").alias("started_at")).first())
-    return None if row is None else str(row["started_at"])
-
-
 def current_runs(runs: pd.DataFrame, cfg: Config, spark=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split MLflow backfill runs into (current, left_out): a run is current when its ranking
     (tag fastfill.ranking) is the one its Delta backfill_log holds now (param log_table, else
     the configured warehouse's). left_out has run, mlflow_run_id and reason."""
-    from fastfill_udfs.spark.delta_io import table_paths
+    from fastfill_udfs.spark.delta_io import logged_ranking, table_paths
     from fastfill_udfs.spark.session import get_spark
 
     if runs.empty:
@@ -101,7 +87,7 @@ def current_runs(runs: pd.DataFrame, cfg: Config, spark=None) -> tuple[pd.DataFr
         path = r.log_table if isinstance(r.log_table, str) and r.log_table else \
             table_paths(cfg, r.run).backfill_log
         if path not in rankings:
-            rankings[path] = delta_ranking(spark, path)
+            rankings[path] = logged_ranking(spark, path)
         now = rankings[path]
         if now is None:
             left.append((r.run, r.mlflow_run_id, f"its tables are gone (no ranked backfill_log "
@@ -152,6 +138,18 @@ def nonfinite_values(histories: dict[str, dict[int, float]], finals: dict) -> st
     return ", ".join(out)
 
 
+def synced_summary(curve: pd.DataFrame) -> dict:
+    """{"synced": "+added ~changed -deleted", "n_gallery": items at the last step} from a run's
+    curve when syncs reached it (metrics `synced_*`, `n_gallery`), else {}."""
+    keys = ("synced_added", "synced_changed", "synced_deleted")
+    if not all(k in curve for k in keys) or curve[list(keys)].dropna().empty:
+        return {}
+    last = curve[list(keys) + ["n_gallery"]].dropna().iloc[-1]
+    return {"synced": f"+{int(last['synced_added'])} ~{int(last['synced_changed'])} "
+                      f"-{int(last['synced_deleted'])}",
+            "n_gallery": int(last["n_gallery"])}
+
+
 @dataclass
 class Comparison:
     """What `compare` found: the table of current runs, the plot, and the runs left out."""
@@ -188,7 +186,7 @@ def compare(cfg: Config, run_prefix: str | None = None, out_dir: str | Path | No
         rows.append({"run": r.run, "policy": r.policy, "status": r.status,
                      "mAP_auc": r.mAP_auc, "top1_auc": r.top1_auc,
                      "mAP_t0": c["mAP"].iloc[0], "mAP_final": c["mAP"].iloc[-1],
-                     "steps": len(c), "nan_metrics": nan})
+                     "steps": len(c), "nan_metrics": nan, **synced_summary(c)})
     left_out = pd.concat([left_out, pd.DataFrame(skipped, columns=left_out.columns)],
                          ignore_index=True) if skipped else left_out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +198,9 @@ def compare(cfg: Config, run_prefix: str | None = None, out_dir: str | Path | No
                     f" matching {filter_string!r}" if filter_string else "")
         return Comparison(pd.DataFrame(rows), None, left_out, out_dir)
     table = pd.DataFrame(rows)
+    if "synced" in table:   # a moving gallery: say so for every run (docs/moving_gallery.md)
+        table["synced"] = table["synced"].fillna("none")
+        table["n_gallery"] = table["n_gallery"].astype("Int64")
     table.to_csv(out_dir / "comparison.csv", index=False)
     (out_dir / "comparison.md").write_text(markdown_table(table) + "\n")
     long = pd.concat(curves, ignore_index=True)
@@ -234,14 +235,14 @@ def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
     """Panels against the backfill fraction: top-1 per subgroup, then each subgroup's top-1 and
     (when logged) mAP shortfall against its own new/new level, with the 1-point line. One
     colour per run, solid for the minority, dashed for the others."""
-    from fastfill_udfs.reporting import _pyplot
+    from fastfill_udfs.reporting import pyplot, save_figure
 
     panels = [("top1_{}", 1, "top-1 per subgroup", "top-1 (queries of that subgroup)")]
     for metric in ("top1", "mAP"):
         if all(f"{metric}_shortfall_{g}" in long.columns for g in subgroups):
             panels.append((f"{metric}_shortfall_{{}}", 100, f"{metric} shortfall vs new/new",
                            f"{metric} shortfall against own new/new level (points)"))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (column, scale, title, ylabel) in zip(axes[0], panels):
@@ -256,7 +257,4 @@ def plot_subgroup_curves(long: pd.DataFrame, subgroups: list[str], path: Path,
         ax.set(title=title, ylabel=ylabel, xlabel="backfill fraction t", xlim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,7 +1,9 @@
 """Layered YAML configuration: base file, overlays, then `--set key=value` overrides.
 
 Every key must exist in the base file; its default value fixes its type. Unknown keys and
-ill-typed values raise `ConfigError` naming the dotted key.
+ill-typed values raise `ConfigError` naming the dotted key (and the overlay file or `--set`
+it came from); so does a value outside its key's allowed set (`CHOICES`), when the config
+loads: before a job starts Spark.
 """
 from __future__ import annotations
 
@@ -19,7 +21,90 @@ FREE_FORM_KEYS = {"spark.conf"}
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown, or its value has the wrong type or is not allowed."""
+
+
+# ----------------------------------------------------------------------------- allowed values
+# The values of a key that takes one of a fixed set. Each set is defined once: where the module
+# that reads the key needs neither torch nor pyspark, in that module (imported by `choices()`
+# when a config loads); otherwise here, and that module imports it from here (a config load
+# must not import torch or start a JVM: torch alone takes seconds).
+DATASETS = ("gallery_table", "image_folder", "image_table", "fashion_mnist")  # spark/ingest.py
+QUERY_SOURCES = ("gallery", "table", "image_folder")                        # spark/ingest.py
+TABLE_FORMATS = ("auto", "delta", "parquet")                                # spark/sources.py
+LOG_LEVELS = ("ALL", "DEBUG", "ERROR", "FATAL", "INFO", "OFF", "TRACE", "WARN")  # spark/session.py
+EXPORT_TARGETS = ("warehouse", "mlflow")                                   # spark/search.py
+DEVICES = ("auto", "cpu", "cuda", "cuda:<N>")                              # inference.py
+OBJECTIVES = ("fastfill", "fct")                                          # training.py
+ORDER_HEADS = ("sigma", "benefit")                                        # order_fitting.py
+H_TRAIN_DATA = ("all", "old_model")                                       # demo/study.py
+BACKFILL_STOPS = ("none", "forecast")                                     # spark/estimate.py
+# demo/study.py: study policy name -> (which h, ordering policy)
+STUDY_POLICIES = {
+    "fct_random": ("fct", "random"),
+    "fastfill_random": ("fastfill", "random"),
+    "fastfill_uncertainty": ("fastfill", "uncertainty"),        # the paper's sigma head
+    "fastfill_benefit": ("fastfill_benefit", "uncertainty"),    # head refit to the benefit
+    "fastfill_prototype": ("fastfill", "prototype"),            # classifier-free
+    "fastfill_oracle": ("fastfill", "oracle"),                  # needs the new embeddings
+    "fastfill_auto": ("fastfill", "auto"),                      # the forecast's choice
+}
+
+
+def choices() -> dict[str, tuple]:
+    """Enumerated key (a list key: each of its entries) -> the values it accepts. An entry
+    `prefix:<N>` accepts `prefix:` followed by digits; "" is accepted only where listed."""
+    from fastfill_udfs.calibration import CALIBRATIONS
+    from fastfill_udfs.faiss_index import INDEX_KINDS
+    from fastfill_udfs.metrics import DISTANCES
+    from fastfill_udfs.policies import RUN_POLICIES
+
+    return {
+        "data.dataset": DATASETS, "data.table_format": TABLE_FORMATS,
+        "data.queries.source": QUERY_SOURCES,
+        "transformation.objective": OBJECTIVES, "transformation.train_data": H_TRAIN_DATA,
+        "transformation.order_head": ORDER_HEADS, "transformation.calibration": CALIBRATIONS,
+        "backfill.policy": RUN_POLICIES, "backfill.policies": RUN_POLICIES,
+        "backfill.device": DEVICES, "backfill.stop": BACKFILL_STOPS,
+        "evaluation.distance": DISTANCES, "evaluation.index": INDEX_KINDS,
+        "evaluation.export_index": ("",) + EXPORT_TARGETS,
+        "spark.log_level": ("",) + LOG_LEVELS,         # any case (spark/session.py)
+        "study.policies": tuple(STUDY_POLICIES),
+    }
+
+
+CASE_FREE_KEYS = {"spark.log_level"}
+
+
+def _allowed(value: Any, allowed: Sequence) -> bool:
+    for choice in allowed:
+        if value == choice:
+            return True
+        if (isinstance(choice, str) and choice.endswith(":<N>") and isinstance(value, str)
+                and value.startswith(choice[:-3]) and value[len(choice) - 3:].isdigit()):
+            return True
+    return False
+
+
+def check_choices(cfg: Mapping) -> None:
+    """Raise ConfigError naming the key, the value and the allowed ones for every value of
+    `cfg` outside its key's set (`choices()`), and for a `models.preprocess` that no model
+    could be fed with."""
+    config = cfg if isinstance(cfg, Config) else Config(cfg)
+    for key, allowed in choices().items():
+        value = config.get_path(key)
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            seen = item.upper() if key in CASE_FREE_KEYS and isinstance(item, str) else item
+            if not _allowed(seen, allowed):
+                where = key if i is None else f"{key}[{i}]"
+                shown = ", ".join(repr(a) for a in allowed)
+                raise ConfigError(f"config key '{where}' must be one of {shown}; got {item!r}")
+    from fastfill_udfs.preprocess import Preprocess
+
+    try:
+        Preprocess.from_config(config.get_path("models.preprocess"))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"config key 'models.preprocess': {exc}") from None
 
 
 class Config(dict):
@@ -135,7 +220,8 @@ def load_config(
 ) -> Config:
     """Load `base`, merge each overlay file in order, then the `key=value` overrides.
 
-    Raises ConfigError for a missing file, an unknown key or an ill-typed value."""
+    Raises ConfigError for a missing file, an unknown key, an ill-typed value (naming the key
+    and the file or override it came from) or a value outside its key's allowed set."""
     cfg = _read_yaml(Path(base))
     for overlay in overlays:
         path = Path(overlay)
@@ -143,13 +229,19 @@ def load_config(
             path = PROJECT_ROOT / path
         if path.resolve() == Path(base).resolve():
             continue
-        _merge(cfg, _read_yaml(path))
+        data = _read_yaml(path)
+        try:
+            _merge(cfg, data)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path})") from None
     for text in overrides:
         try:
             _merge(cfg, parse_override(text))
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in --set {text})") from None
-    return Config(copy.deepcopy(cfg))
+    config = Config(copy.deepcopy(cfg))
+    check_choices(config)
+    return config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

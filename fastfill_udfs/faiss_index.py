@@ -46,46 +46,30 @@ import faiss
 import numpy as np
 import pandas as pd
 
-__all__ = ["VectorSpace", "CalibratedSpace", "space_for", "top_k_keys", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS"]
+from fastfill_udfs.arrays import check_pos_int, to_numpy
+from fastfill_udfs.metrics import DISTANCES, check_distance  # evaluation.distance
+
+__all__ = ["VectorSpace", "CalibratedSpace", "space_for", "top_k_keys", "IndexSpec", "ShardedGalleryIndex", "DISTANCES", "INDEX_KINDS",
+           "as_keys", "lookup", "first_few"]
 
 log = logging.getLogger(__name__)
-DISTANCES = ("cosine", "l2")       # evaluation.distance
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _SHOW = 5                          # offending keys named in an error message
 _FORMAT = "fastfill-shards/1"      # format tag of a saved index folder
 
 
 # ----------------------------------------------------------------------------- helpers
-def _first(values) -> str:
+def first_few(values) -> str:
+    """The first few of `values` for an error message, with how many more there are."""
     values = list(values)
     more = f" (and {len(values) - _SHOW} more)" if len(values) > _SHOW else ""
     return str([v.item() if hasattr(v, "item") else v for v in values[:_SHOW]]) + more
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):                       # torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _check_pos_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _check_topk(topk) -> tuple:
-    try:
-        ks = tuple(topk)
-    except TypeError:
-        raise ValueError(f"topk must be a sequence of positive ints, got {topk!r}") from None
-    if not ks:
-        raise ValueError(f"topk must be a non-empty sequence of positive ints, got {topk!r}")
-    return tuple(_check_pos_int(k, "topk entry") for k in ks)
-
-
-def _as_keys(keys, name: str) -> np.ndarray:
-    arr = _to_numpy(keys)
+def as_keys(keys, name: str) -> np.ndarray:
+    """`keys` as a contiguous 1-D int64 array; ValueError naming `name` for another shape or
+    a non-integer dtype."""
+    arr = to_numpy(keys)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
@@ -95,7 +79,7 @@ def _as_keys(keys, name: str) -> np.ndarray:
 
 def _as_matrix(x, dim: int, name: str, keys=None) -> np.ndarray:
     """2-D float array of width ``dim``; non-finite rows are named by ``keys`` (or row)."""
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (items x dim), got shape {arr.shape}")
     if arr.shape[1] != dim:
@@ -106,7 +90,7 @@ def _as_matrix(x, dim: int, name: str, keys=None) -> np.ndarray:
         suspect = np.flatnonzero(~np.isfinite(np.add.reduce(arr, axis=1, dtype=np.float64)))
     bad = suspect[~np.isfinite(arr[suspect]).all(axis=1)] if suspect.size else suspect
     if bad.size:
-        what = f"keys {_first(keys[bad])}" if keys is not None else f"rows {_first(bad)}"
+        what = f"keys {first_few(keys[bad])}" if keys is not None else f"rows {first_few(bad)}"
         raise ValueError(f"{name} has NaN or infinite values for {what}")
     return arr
 
@@ -159,9 +143,7 @@ class VectorSpace:
     """
 
     def __init__(self, distance: str = "cosine"):
-        if distance not in DISTANCES:
-            raise ValueError(f"evaluation.distance must be one of {DISTANCES}, got {distance!r}")
-        self.distance = distance
+        self.distance = check_distance(distance, "evaluation.distance")
         self.l2 = distance == "l2"
 
     @classmethod
@@ -517,7 +499,7 @@ class _HnswAnn:
         start = int(self.index.ntotal)
         self.index.add(x)
         nodes = start + np.arange(len(keys), dtype=np.int64)
-        at = _lookup(self.sorted_keys, keys)
+        at = lookup(self.sorted_keys, keys)
         old = at >= 0
         self.live = np.concatenate([self.live, np.ones(len(keys), bool)])
         self.live[self.sorted_nodes[at[old]]] = False
@@ -605,7 +587,7 @@ class _Shard:
             order = np.argsort(ids, kind="stable")
             self.sorted_keys, self.sorted_pos = ids[order], order.astype(np.int64)
             self.lookup_ok = True
-        i = _lookup(self.sorted_keys, keys)
+        i = lookup(self.sorted_keys, keys)
         out = np.full(len(keys), -1, dtype=np.int64)
         out[i >= 0] = self.sorted_pos[i[i >= 0]]
         return out
@@ -661,10 +643,10 @@ class ShardedGalleryIndex:
 
     def __init__(self, dim: int, num_shards: int | None = None, *, spec: IndexSpec | None = None,
                  space: VectorSpace | None = None):
-        self.dim = _check_pos_int(dim, "dim")
+        self.dim = check_pos_int(dim, "dim")
         spec = spec or IndexSpec()
         if num_shards is not None:
-            spec = IndexSpec(**{**spec.as_dict(), "num_shards": _check_pos_int(num_shards,
+            spec = IndexSpec(**{**spec.as_dict(), "num_shards": check_pos_int(num_shards,
                                                                                "num_shards")})
         self.spec = spec
         self.num_shards = spec.num_shards
@@ -677,17 +659,17 @@ class ShardedGalleryIndex:
 
     # -- checks
     def _check_items(self, keys, vectors, sources, what: str):
-        k = _as_keys(keys, "keys")
-        x = _to_numpy(vectors)
+        k = as_keys(keys, "keys")
+        x = to_numpy(vectors)
         if x.ndim == 2 and x.shape[0] != len(k):
             raise ValueError(f"{what}: keys has {len(k)} entries, vectors has {x.shape[0]} rows")
         x = _as_matrix(x, self.dim, "vectors", keys=k)
         if np.any(k < 0):
-            raise ValueError(f"{what}: keys must be >= 0, got {_first(k[k < 0])}")
+            raise ValueError(f"{what}: keys must be >= 0, got {first_few(k[k < 0])}")
         sk = np.sort(k)
         dup = np.unique(sk[1:][sk[1:] == sk[:-1]])
         if dup.size:
-            raise ValueError(f"{what}: duplicate keys in one call: {_first(dup)}")
+            raise ValueError(f"{what}: duplicate keys in one call: {first_few(dup)}")
         if sources is not None:
             sources = np.asarray(sources, dtype=object)
             if sources.shape != (len(k),):
@@ -795,7 +777,7 @@ class ShardedGalleryIndex:
         padded with score ``-inf`` and key -1. Ties are returned in arbitrary order. Raises
         ValueError on a dim mismatch, NaN/inf queries or a non-positive ``k``.
         """
-        k = _check_pos_int(k, "k")
+        k = check_pos_int(k, "k")
         q = self.space.query_vectors(self.check_queries(queries))
         return self.search_prepared(q, k, exact=exact)
 
@@ -906,22 +888,22 @@ def gallery_labels(gallery_key_labels):
         keys = np.fromiter(gallery_key_labels.keys(), dtype=np.int64, count=len(gallery_key_labels))
         labels = np.asarray(list(gallery_key_labels.values()), dtype=object)
     elif isinstance(gallery_key_labels, tuple) and len(gallery_key_labels) == 2:
-        keys, labels = (_to_numpy(a) for a in gallery_key_labels)
+        keys, labels = (to_numpy(a) for a in gallery_key_labels)
     else:
         raise ValueError("gallery_key_labels must be a mapping or pandas Series (key -> label) or "
                          f"a (keys, labels) pair, got {type(gallery_key_labels).__name__}")
-    keys = _as_keys(keys, "gallery_key_labels keys")
+    keys = as_keys(keys, "gallery_key_labels keys")
     if labels.ndim != 1 or len(labels) != len(keys):
         raise ValueError(f"gallery_key_labels has {len(keys)} keys but labels of shape {labels.shape}")
     order = np.argsort(keys, kind="stable")
     keys, labels = keys[order], labels[order]
     dup = np.unique(keys[1:][keys[1:] == keys[:-1]])
     if dup.size:
-        raise ValueError(f"gallery_key_labels has duplicate keys: {_first(dup)}")
+        raise ValueError(f"gallery_key_labels has duplicate keys: {first_few(dup)}")
     return keys, labels
 
 
-def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Position of each of ``keys`` in ``sorted_keys``, -1 where absent."""
     if not len(sorted_keys):
         return np.full(np.shape(keys), -1, dtype=np.int64)

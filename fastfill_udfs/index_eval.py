@@ -47,9 +47,10 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from fastfill_udfs.faiss_index import (ShardedGalleryIndex, _as_keys, _check_pos_int, _check_topk,
-                                       _first, _lookup, _to_numpy, gallery_labels)
-from fastfill_udfs.metrics import _pack_sort, _unique_rows
+from fastfill_udfs.arrays import check_pos_int, check_pos_ints, check_topk, to_numpy
+from fastfill_udfs.faiss_index import (ShardedGalleryIndex, as_keys, first_few, gallery_labels,
+                                       lookup)
+from fastfill_udfs.metrics import pack_sort, unique_rows
 
 __all__ = ["EvalResult", "evaluate_index", "DEFAULT_TOLERANCE"]
 
@@ -189,7 +190,7 @@ def _ap_sorted(c: np.ndarray, m: np.ndarray, with_bound: bool, packed: bool = Fa
 
 
 def _pack_sort_keys(keys: np.ndarray, match: np.ndarray):
-    """:func:`_pack_sort` for uint32 keys (in place), leaving the bit in the sorted keys
+    """:func:`metrics.pack_sort` for uint32 keys (in place), leaving the bit in the sorted keys
     (:func:`_ap_sorted` with ``packed=True`` reads them without it)."""
     np.bitwise_and(keys, np.uint32(0xFFFFFFFE), out=keys)
     np.bitwise_or(keys, match, out=keys, casting="unsafe")
@@ -197,14 +198,6 @@ def _pack_sort_keys(keys: np.ndarray, match: np.ndarray):
     m = np.empty(keys.shape, dtype=np.uint8)
     np.bitwise_and(keys, 1, out=m, casting="unsafe")
     return keys, m.view(bool)
-
-
-def _check_ks(values, name: str) -> tuple:
-    try:
-        ks = tuple(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}") from None
-    return tuple(_check_pos_int(k, f"{name} entry") for k in ks)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -225,7 +218,7 @@ class _Gallery:
         self.scale = _KEY_RANGE / span             # mapped = scale * (score + shift) in (0, 2**32)
         self.shift = -lowest + (highest - lowest) * 2.0 ** -11
         exact = index.space.exact_vectors(stored)
-        self.unique, self.inverse = _unique_rows(
+        self.unique, self.inverse = unique_rows(
             np.hstack([exact, np.full((self.n, 1), self.shift)]))
         if self.keys.size and self.keys.max() < 4 * self.n + 1024:
             self.col_table = np.full(int(self.keys.max()) + 1, -1, dtype=np.int64)
@@ -236,19 +229,19 @@ class _Gallery:
             order = np.argsort(self.keys, kind="stable")
             self.sorted_keys, self.sorted_cols = self.keys[order], order.astype(np.int64)
         gkeys, glabels = gallery_labels(gallery_key_labels)
-        at = _lookup(gkeys, self.keys)
+        at = lookup(gkeys, self.keys)
         if np.any(at < 0):
             raise ValueError(f"gallery_key_labels has no label for indexed keys "
-                             f"{_first(np.sort(self.keys[at < 0]))}")
+                             f"{first_few(np.sort(self.keys[at < 0]))}")
         self.labels = glabels[at] if self.n else np.zeros(0, dtype=object)
         self.source_names: list = []
         self.source_codes = np.zeros(self.n, dtype=np.int64)
         if key_sources is not None:
             skeys, svalues = gallery_labels(key_sources)
-            sat = _lookup(skeys, self.keys)
+            sat = lookup(skeys, self.keys)
             if np.any(sat < 0):
                 raise ValueError(f"gallery_key_sources has no source for indexed keys "
-                                 f"{_first(np.sort(self.keys[sat < 0]))}")
+                                 f"{first_few(np.sort(self.keys[sat < 0]))}")
             codes, names = pd.factorize(pd.Series(svalues[sat], dtype=object))
             self.source_codes, self.source_names = codes.astype(np.int64), list(names)
 
@@ -258,7 +251,7 @@ class _Gallery:
         if self.col_table is not None:
             ok = (keys >= 0) & (keys < len(self.col_table))
             return np.where(ok, self.col_table[np.where(ok, keys, 0)], -1)
-        at = _lookup(self.sorted_keys, keys)
+        at = lookup(self.sorted_keys, keys)
         return np.where(at >= 0, self.sorted_cols[np.maximum(at, 0)], -1)
 
 
@@ -285,21 +278,22 @@ def evaluate_index(index: ShardedGalleryIndex, query_emb, query_labels, gallery_
     """
     if not isinstance(index, ShardedGalleryIndex):
         raise ValueError(f"index must be a ShardedGalleryIndex, got {type(index).__name__}")
-    ks = _check_topk(topk)
-    recall_ks = _check_ks(recall_at, "recall_at") if index.spec.approximate else ()
-    block_size = _check_pos_int(block_size, "block_size")
-    threads = _check_pos_int(threads, "threads")
+    ks = check_topk(topk)
+    recall_ks = (check_pos_ints(recall_at, "recall_at", allow_empty=True)
+                 if index.spec.approximate else ())
+    block_size = check_pos_int(block_size, "block_size")
+    threads = check_pos_int(threads, "threads")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     q = index.check_queries(query_emb, "query_emb")
     nq = q.shape[0]
-    ql = _to_numpy(query_labels)
+    ql = to_numpy(query_labels)
     if ql.ndim != 1 or len(ql) != nq:
         raise ValueError(f"query_labels must be 1-D with {nq} entries (query_emb rows), got "
                          f"shape {ql.shape}")
     qk = None
     if query_keys is not None:
-        qk = _as_keys(query_keys, "query_keys")
+        qk = as_keys(query_keys, "query_keys")
         if len(qk) != nq:
             raise ValueError(f"query_keys has {len(qk)} entries, query_emb has {nq} rows")
 
@@ -456,7 +450,7 @@ class _BlockScorer:
             ro = np.flatnonzero(own[redo] >= 0)
             T[ro, own[redo][ro]] = _SENTINEL64
             Mr[ro, own[redo][ro]] = False
-            t_keys, t_m = _pack_sort(T, Mr)
+            t_keys, t_m = pack_sort(T, Mr)
             t_sum, _, _ = _ap_sorted(t_keys, t_m, with_bound=False)
             ap[redo] = t_sum / n_rel[redo]
             bound[redo] = 0.0

@@ -38,6 +38,7 @@ __all__ = [
     "select_device",
     "normalize_input",
     "imagenet_preprocess",
+    "normalize_channels",
     "BatchEmbedder",
     "PRECISIONS",
     "embed_batch",
@@ -152,10 +153,17 @@ def imagenet_preprocess(size: Optional[Union[int, Sequence[int]]] = None,
                                                     align_corners=False, antialias=True)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - m) / s
+        return normalize_channels(x, mean, std)
     return _pre
+
+
+def normalize_channels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+                       ) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of the ``[N, C, H, W]`` batch ``x`` (one value, or one
+    per channel, each), on its device and in its dtype."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
 
 
 class BatchEmbedder:
@@ -461,7 +469,7 @@ def _embed_decoded(embedder: "BatchEmbedder", ids: list, decoded: list,
     the model cannot take or whose output is not finite."""
     good = [i for i, r in enumerate(reasons) if r is None]
     out = None
-    from fastfill_udfs.preprocess import stack_by_shape
+    from fastfill_udfs.arrays import stack_by_shape
 
     for shape, members in stack_by_shape([decoded[i] for i in good]).items():
         rows = [good[j] for j in members]

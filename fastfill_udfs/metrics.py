@@ -42,7 +42,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["retrieval_metrics", "ranked_metrics", "similarity_scores", "DISTANCES"]
+from fastfill_udfs.arrays import check_pos_int, check_topk, l2_normalise, to_numpy
+
+__all__ = ["retrieval_metrics", "ranked_metrics", "similarity_scores", "DISTANCES",
+           "check_distance", "unique_rows", "pack_sort"]
 
 DISTANCES = ("cosine", "l2")
 
@@ -53,27 +56,10 @@ _EXCLUDED = -np.inf
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_topk(topk) -> tuple:
-    try:
-        ks = tuple(topk)
-    except TypeError:
-        raise ValueError(f"topk must be a sequence of positive ints, got {topk!r}") from None
-    if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1
-                     for k in ks):
-        raise ValueError(f"topk must be a non-empty sequence of positive ints, got {topk!r}")
-    return tuple(int(k) for k in ks)
-
-
-def _check_block_size(block_size) -> int:
-    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) \
-            or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return int(block_size)
-
-
-def _check_distance(distance) -> str:
+def check_distance(distance, name: str = "distance") -> str:
+    """`distance` when it is one of DISTANCES, else ValueError naming `name`."""
     if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        raise ValueError(f"{name} must be one of {DISTANCES}, got {distance!r}")
     return distance
 
 
@@ -81,7 +67,7 @@ def _item_vector(x, n: int, name: str) -> np.ndarray | None:
     """A per-gallery-item float vector (scalar broadcast), finite; None stays None."""
     if x is None:
         return None
-    arr = _to_numpy(x).astype(np.float64)
+    arr = to_numpy(x).astype(np.float64)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
     if arr.shape != (n,):
@@ -92,21 +78,18 @@ def _item_vector(x, n: int, name: str) -> np.ndarray | None:
     return arr
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):                       # torch tensor (torch imported lazily)
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _as_1d(x, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
+def _as_1d(x, name: str, rows: int | None = None, of: str = "") -> np.ndarray:
+    """`x` as a 1-D array; with `rows`, one entry per row of the array named `of`."""
+    arr = to_numpy(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if rows is not None and len(arr) != rows:
+        raise ValueError(f"{name} has {len(arr)} entries, {of} has {rows} rows")
     return arr
 
 
 def _as_2d_float(x, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (items x dim), got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -131,12 +114,7 @@ def _codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes[: len(a)].astype(np.int64), codes[len(a):].astype(np.int64)
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def _unique_rows(x: np.ndarray):
+def unique_rows(x: np.ndarray):
     """(unique rows, inverse index) of a 2-D array, or (x, None) when all rows are distinct."""
     if len(x) < 2:
         return x, None
@@ -221,7 +199,7 @@ def _sorted_stats(c: np.ndarray, m: np.ndarray, ignore: np.ndarray | None = None
     return ap_sum, n_seen, n_greater
 
 
-def _pack_sort(sims: np.ndarray, match: np.ndarray):
+def pack_sort(sims: np.ndarray, match: np.ndarray):
     """Sort each row of ``sims`` (C-contiguous float) ascending in place, carrying ``match``
     in the lowest mantissa bit.
 
@@ -243,7 +221,7 @@ def _score_operands(q: np.ndarray, g: np.ndarray, distance: str, scale, bias):
     per-query constant where there is no correction (one matmul scores a block)."""
     ones = np.ones((len(q), 1))
     if distance == "cosine":
-        qa, ga = _l2_normalise(q), _l2_normalise(g)
+        qa, ga = l2_normalise(q), l2_normalise(g)
         if scale is None and bias is None:
             return qa, ga
         if scale is not None:
@@ -286,10 +264,10 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     ``block_size``, ``dtype``, ``distance``, ``gallery_scale``/``gallery_bias``, or only one of
     the id arrays.
     """
-    ks = _check_topk(topk)
-    block_size = _check_block_size(block_size)
+    ks = check_topk(topk)
+    block_size = check_pos_int(block_size, "block_size")
     fdt = _float_dtype(dtype)
-    distance = _check_distance(distance)
+    distance = check_distance(distance)
     if (query_ids is None) != (gallery_ids is None):
         raise ValueError("query_ids and gallery_ids must be given together (leave-one-out) or not at all")
     if device is None and hasattr(query_emb, "device") and str(query_emb.device) != "cpu":
@@ -299,24 +277,16 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query_emb dim {q.shape[1]} != gallery_emb dim {g.shape[1]}")
     nq, ng = q.shape[0], g.shape[0]
-    ql = _as_1d(query_labels, "query_labels")
-    gl = _as_1d(gallery_labels, "gallery_labels")
-    if len(ql) != nq:
-        raise ValueError(f"query_labels has {len(ql)} entries, query_emb has {nq} rows")
-    if len(gl) != ng:
-        raise ValueError(f"gallery_labels has {len(gl)} entries, gallery_emb has {ng} rows")
+    ql = _as_1d(query_labels, "query_labels", nq, "query_emb")
+    gl = _as_1d(gallery_labels, "gallery_labels", ng, "gallery_emb")
     qlab, glab = _codes(ql, gl)
     glab[glab < 0] = -2                            # a missing gallery label matches nothing
 
     # leave-one-out: gallery position to exclude per query (-1: none), or a full id compare
     excl_pos = excl_q = excl_g = None
     if query_ids is not None:
-        qi = _as_1d(query_ids, "query_ids")
-        gi = _as_1d(gallery_ids, "gallery_ids")
-        if len(qi) != nq:
-            raise ValueError(f"query_ids has {len(qi)} entries, query_emb has {nq} rows")
-        if len(gi) != ng:
-            raise ValueError(f"gallery_ids has {len(gi)} entries, gallery_emb has {ng} rows")
+        qi = _as_1d(query_ids, "query_ids", nq, "query_emb")
+        gi = _as_1d(gallery_ids, "gallery_ids", ng, "gallery_emb")
         qic, gic = _codes(qi, gi)
         valid_g = gic[gic >= 0]
         if len(np.unique(valid_g)) == len(valid_g):
@@ -339,7 +309,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     buf = np.empty((min(step, nq), ng), dtype=fdt)   # reused: avoids page faults per block
     # BLAS does not promise bit-identical results for identical columns, so duplicated
     # gallery vectors are scored once and copied: identical items always tie exactly.
-    gu, inverse = _unique_rows(gn)
+    gu, inverse = unique_rows(gn)
     if device is not None:
         import torch
         tq = torch.from_numpy(qn).to(device)
@@ -381,7 +351,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
         counted.append(lo + np.flatnonzero(keep))
         if not keep.all():
             sims, match = sims[keep], match[keep]
-        c, m = _pack_sort(sims, match)
+        c, m = pack_sort(sims, match)
         ap_sum, n_seen, n_greater = _sorted_stats(c, m)
         aps.append(ap_sum / n_seen)
         greater.append(n_greater)
@@ -404,7 +374,7 @@ def similarity_scores(query_emb, gallery_emb, *, distance: str = "cosine", galle
     cosine or ``-||q - g||^2`` (``distance``), then ``gallery_scale[j] * score + gallery_bias[j]``
     when given. Dense: for blocks of queries (analysis, calibration fits, tests).
     Raises ValueError on bad shapes, non-finite values or a bad ``distance``."""
-    distance = _check_distance(distance)
+    distance = check_distance(distance)
     q = _as_2d_float(query_emb, "query_emb")
     g = _as_2d_float(gallery_emb, "gallery_emb")
     if q.shape[1] != g.shape[1]:
@@ -434,24 +404,22 @@ def ranked_metrics(sorted_scores, sorted_match, n_relevant, topk: Sequence[int] 
     ``topk``/``block_size``, a negative ``n_relevant`` or one smaller than the relevant items
     in the ranking.
     """
-    ks = _check_topk(topk)
-    block_size = _check_block_size(block_size)
-    s = _to_numpy(sorted_scores)
+    ks = check_topk(topk)
+    block_size = check_pos_int(block_size, "block_size")
+    s = to_numpy(sorted_scores)
     if s.ndim != 2:
         raise ValueError(f"sorted_scores must be 2-D (queries x k), got shape {s.shape}")
     if not np.issubdtype(s.dtype, np.floating):
         s = s.astype(np.float64)
-    m = _to_numpy(sorted_match).astype(bool)
+    m = to_numpy(sorted_match).astype(bool)
     if m.shape != s.shape:
         raise ValueError(f"sorted_match shape {m.shape} != sorted_scores shape {s.shape}")
     v = None
     if valid is not None:
-        v = _to_numpy(valid).astype(bool)
+        v = to_numpy(valid).astype(bool)
         if v.shape != s.shape:
             raise ValueError(f"valid shape {v.shape} != sorted_scores shape {s.shape}")
-    nr = _as_1d(n_relevant, "n_relevant")
-    if len(nr) != s.shape[0]:
-        raise ValueError(f"n_relevant has {len(nr)} entries, sorted_scores has {s.shape[0]} rows")
+    nr = _as_1d(n_relevant, "n_relevant", s.shape[0], "sorted_scores")
     if not np.issubdtype(nr.dtype, np.integer):
         if not (np.issubdtype(nr.dtype, np.floating) and np.all(nr == np.round(nr))):
             raise ValueError("n_relevant must hold integers")

@@ -26,7 +26,6 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
                   "--disable-dev-shm-usage")
-MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 class BrowserUnavailableError(RuntimeError):
@@ -171,16 +170,6 @@ class Page:
                 raise TimeoutError(f"page never showed {missing}; it shows:\n{text[:2000]}")
             time.sleep(0.5)
 
-    def click_text(self, label: str, selector: str = "button, [role=tab], [role=radio], a, "
-                   "[role=menuitem], label, span") -> bool:
-        """Click the innermost element matching `selector` whose text is exactly `label`."""
-        script = (
-            "(() => { const want = %s; const els = [...document.querySelectorAll(%s)]"
-            ".filter(e => (e.innerText || '').trim() === want && e.offsetParent !== null);"
-            " if (!els.length) return false; els[els.length - 1].click(); return true; })()"
-            % (json.dumps(label), json.dumps(selector)))
-        return bool(self.evaluate(script))
-
     def screenshot(self, path: str | Path) -> Path:
         """Save the visible page as PNG (the pointer moved off the charts first, so no
         hover toolbars or tooltips show)."""
@@ -297,7 +286,8 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from fastfill_udfs.tracking import BACKFILL_VIEW, experiment_url, publish_backfill_view
+    from fastfill_udfs.tracking import (BACKFILL_VIEW, MODEL_TRAINING_QUERY, experiment_url,
+                                        publish_backfill_view)
 
     out_dir = Path(out_dir)
     previous = os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -365,7 +355,7 @@ def capture_screenshots(store_uri: str, out_dir: str | Path, *, experiment: str 
                 shots["forecast_chart"] = page.screenshot(out_dir / f"{prefix}forecast_chart.png")
 
         page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
-                  f"/artifacts/curve.png?workflowType=machine_learning")
+                  f"/artifacts/curve.png?{MODEL_TRAINING_QUERY}")
         texts["curve_artifact"] = page.wait_for_text("curve.png", run.info.run_name,
                                                      timeout=timeout, settle=2.0)
         loaded = page.evaluate("[...document.querySelectorAll('img')].some(i => "

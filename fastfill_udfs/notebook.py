@@ -44,6 +44,7 @@ CONFIG_WIDGETS = {
     "stop": "backfill.stop",
     "evaluate": "backfill.evaluate",
     "device": "backfill.device",
+    "sync_mode": "sync.mode",
     "spark_log_level": "spark.log_level",
 }
 # widget name -> (its default, the pipelines/ script and flag it stands for)

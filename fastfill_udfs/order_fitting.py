@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastfill_udfs.calibration import fit_calibration
-from fastfill_udfs.metrics import DISTANCES
+from fastfill_udfs.calibration import CALIBRATIONS, fit_calibration
+from fastfill_udfs.config import ORDER_HEADS
+from fastfill_udfs.metrics import check_distance
 from fastfill_udfs.models import Transformation
 from fastfill_udfs.policies import fit_prototypes, prototype_margin
 from fastfill_udfs.reachability import item_map_benefit, item_top1_benefit
@@ -36,8 +37,6 @@ __all__ = ["ORDER_HEADS", "CALIBRATIONS", "realised_benefit", "fit_h_extras", "f
            "holdout_split"]
 BLEND_VERSION = 1
 
-ORDER_HEADS = ("sigma", "benefit")
-CALIBRATIONS = ("none", "affine", "affine_sigma")
 
 
 def holdout_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +111,7 @@ def fit_h_extras(h: Transformation, old, new, labels, *, order_head: str = "bene
         raise ValueError(f"order_head must be one of {ORDER_HEADS}, got {order_head!r}")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    check_distance(distance)
     if not (np.isfinite(top1_weight) and top1_weight >= 0):
         raise ValueError(f"top1_weight (transformation.order_top1_weight) must be a finite "
                          f"number >= 0, got {top1_weight!r}")

@@ -24,28 +24,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fastfill_udfs.arrays import l2_normalise, to_numpy
+from fastfill_udfs.metrics import check_distance
+
 __all__ = ["POLICIES", "order_scores", "fit_prototypes", "prototype_distances", "prototype_scores", "prototype_margin", "random_scores_for_ids", "rank_order",
            "batch_id_for_rank", "assign_batches", "batch_sizes"]
 
 POLICIES = ("auto", "uncertainty", "random", "oracle", "prototype")
 RUN_POLICIES = tuple(p for p in POLICIES if p != "oracle")   # what a backfill run can rank by
 PROTOTYPES_VERSION = 1
-_DISTANCES = ("cosine", "l2")
 
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _to_numpy(x):
-    if hasattr(x, "detach"):            # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def random_scores_for_ids(ids, seed: int = 0) -> np.ndarray:
@@ -57,7 +48,7 @@ def random_scores_for_ids(ids, seed: int = 0) -> np.ndarray:
     """
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    arr = _to_numpy(ids)
+    arr = to_numpy(ids)
     if arr.ndim != 1:
         raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
     key = f"{int(seed) & 0xFFFFFFFFFFFFFFFF:016x}"     # hash_key must be 16 bytes
@@ -67,7 +58,7 @@ def random_scores_for_ids(ids, seed: int = 0) -> np.ndarray:
 
 
 def _finite_2d(x, name: str) -> np.ndarray:
-    arr = _to_numpy(x).astype(np.float64)
+    arr = to_numpy(x).astype(np.float64)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (items x dim), got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -80,10 +71,9 @@ def fit_prototypes(new_embeddings, labels, *, distance: str = "cosine") -> dict:
     mean of the new-model training embeddings (cosine: of the L2-normalised ones, normalised
     again). Returns a JSON-able dict ``{"version", "distance", "classes", "prototypes"}`` to
     store with `h`. Raises ValueError for bad shapes, NaN, a bad distance or missing labels."""
-    if distance not in _DISTANCES:
-        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    check_distance(distance)
     x = _finite_2d(new_embeddings, "new_embeddings")
-    y = _to_numpy(labels)
+    y = to_numpy(labels)
     if y.shape != (len(x),):
         raise ValueError(f"labels must have one entry per embedding ({len(x)}), got {y.shape}")
     if len(x) == 0:
@@ -91,7 +81,7 @@ def fit_prototypes(new_embeddings, labels, *, distance: str = "cosine") -> dict:
     if pd.isna(pd.Series(y, dtype=object)).any():
         raise ValueError("labels contains missing values")
     if distance == "cosine":
-        x = _l2_normalise(x)
+        x = l2_normalise(x)
     classes = pd.unique(y)
     try:
         classes = np.sort(classes)
@@ -99,7 +89,7 @@ def fit_prototypes(new_embeddings, labels, *, distance: str = "cosine") -> dict:
         pass
     protos = np.stack([x[y == c].mean(axis=0) for c in classes])
     if distance == "cosine":
-        protos = _l2_normalise(protos)
+        protos = l2_normalise(protos)
     return {"version": PROTOTYPES_VERSION, "distance": distance,
             "classes": [c.item() if hasattr(c, "item") else c for c in classes],
             "prototypes": protos.tolist()}
@@ -111,15 +101,13 @@ def prototype_distances(transformed, prototypes: dict) -> np.ndarray:
     if not isinstance(prototypes, dict) or prototypes.get("version") != PROTOTYPES_VERSION:
         raise ValueError("prototypes must be a dict from fit_prototypes (version "
                          f"{PROTOTYPES_VERSION})")
-    if prototypes.get("distance") not in _DISTANCES:
-        raise ValueError(f"prototypes distance must be one of {_DISTANCES}, "
-                         f"got {prototypes.get('distance')!r}")
+    check_distance(prototypes.get("distance"), "prototypes distance")
     p = _finite_2d(np.asarray(prototypes.get("prototypes"), dtype=np.float64), "prototypes")
     t = _finite_2d(transformed, "transformed")
     if t.shape[1] != p.shape[1]:
         raise ValueError(f"transformed dim {t.shape[1]} != prototypes dim {p.shape[1]}")
     if prototypes["distance"] == "cosine":
-        return 1.0 - _l2_normalise(t) @ p.T
+        return 1.0 - l2_normalise(t) @ p.T
     sq = (np.einsum("ij,ij->i", t, t)[:, None] - 2.0 * t @ p.T
           + np.einsum("ij,ij->i", p, p)[None, :])
     return np.sqrt(np.maximum(sq, 0.0))
@@ -159,8 +147,7 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; allowed policies: {', '.join(POLICIES)}")
-    if distance not in _DISTANCES:
-        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    check_distance(distance)
     if policy == "auto":
         raise ValueError("policy 'auto' is scored by auto_scores(h, old, ids, seed): it needs h")
     if policy == "prototype":
@@ -172,7 +159,7 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
     if policy == "uncertainty":
         if sigma is None:
             raise ValueError("policy 'uncertainty' needs sigma (per-item predicted uncertainty)")
-        s = _to_numpy(sigma).astype(np.float64)
+        s = to_numpy(sigma).astype(np.float64)
         if s.ndim != 1:
             raise ValueError(f"sigma must be 1-D, got shape {s.shape}")
         if not np.all(np.isfinite(s)):
@@ -198,8 +185,8 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
         raise ValueError("policy 'oracle' needs transformed (h(old) embeddings)")
     if new is None:
         raise ValueError("policy 'oracle' needs new (new-model embeddings)")
-    t = _to_numpy(transformed).astype(np.float64)
-    nw = _to_numpy(new).astype(np.float64)
+    t = to_numpy(transformed).astype(np.float64)
+    nw = to_numpy(new).astype(np.float64)
     if t.ndim != 2:
         raise ValueError(f"transformed must be 2-D (items x dim), got shape {t.shape}")
     if nw.shape != t.shape:
@@ -210,7 +197,7 @@ def order_scores(policy: str, *, sigma=None, transformed=None, new=None, n=None,
         raise ValueError("new contains NaN or infinite values")
     if distance == "l2":
         return np.linalg.norm(t - nw, axis=1)
-    return np.linalg.norm(_l2_normalise(t) - _l2_normalise(nw), axis=1)
+    return np.linalg.norm(l2_normalise(t) - l2_normalise(nw), axis=1)
 
 
 def auto_scores(h, old, ids, seed: int = 0) -> np.ndarray:
@@ -240,7 +227,7 @@ def rank_order(scores, ids=None) -> np.ndarray:
     as strings when they are not all numeric). Exactly reproducible (no unstable sort).
     Raises ValueError for NaN scores, wrong shapes or duplicate ids.
     """
-    s = _to_numpy(scores).astype(np.float64)
+    s = to_numpy(scores).astype(np.float64)
     if s.ndim != 1:
         raise ValueError(f"scores must be 1-D, got shape {s.shape}")
     if np.isnan(s).any():
@@ -248,7 +235,7 @@ def rank_order(scores, ids=None) -> np.ndarray:
     if ids is None:
         tie = np.arange(len(s))
     else:
-        tie = _to_numpy(ids)
+        tie = to_numpy(ids)
         if tie.ndim != 1 or len(tie) != len(s):
             raise ValueError(f"ids must be 1-D with {len(s)} entries, got shape {tie.shape}")
         if not (np.issubdtype(tie.dtype, np.number) or tie.dtype.kind in "US"):

@@ -228,11 +228,9 @@ class Preprocess:
         mean, std = self.mean, self.std
 
         def normalize(x):
-            import torch
+            from fastfill_udfs.inference import normalize_channels
 
-            m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            return (x - m) / s
+            return normalize_channels(x, mean, std)
         return normalize
 
     def as_dict(self) -> dict:
@@ -240,14 +238,6 @@ class Preprocess:
                 "mean": list(self.mean), "std": list(self.std),
                 "resize_shorter": self.resize_shorter,
                 "center_crop": list(self.center_crop or [])}
-
-
-def stack_by_shape(images: Sequence) -> dict[tuple, list[int]]:
-    """Positions of `images` grouped by shape (images kept at their own size may differ)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(tuple(img.shape), []).append(i)
-    return groups
 
 
 def device_decoder_available() -> bool:

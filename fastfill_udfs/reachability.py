@@ -21,31 +21,25 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fastfill_udfs.metrics import DISTANCES, retrieval_metrics, similarity_scores
+from fastfill_udfs.arrays import to_numpy
+from fastfill_udfs.metrics import check_distance, retrieval_metrics, similarity_scores
 
 __all__ = ["item_map_benefit", "item_top1_benefit", "greedy_order", "similarity_stats",
            "per_class_map"]
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _check_inputs(query_emb, query_labels, gallery_labels, galleries: dict, query_ids,
                   gallery_ids, distance):
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    q = _to_numpy(query_emb)
+    check_distance(distance)
+    q = to_numpy(query_emb)
     if q.ndim != 2:
         raise ValueError(f"query_emb must be 2-D, got shape {q.shape}")
-    ql, gl = _to_numpy(query_labels), _to_numpy(gallery_labels)
+    ql, gl = to_numpy(query_labels), to_numpy(gallery_labels)
     if ql.shape != (len(q),):
         raise ValueError(f"query_labels must have {len(q)} entries, got shape {ql.shape}")
     shape = None
     for name, g in galleries.items():
-        g = _to_numpy(g)
+        g = to_numpy(g)
         if g.ndim != 2 or g.shape[1] != q.shape[1]:
             raise ValueError(f"{name} must be 2-D with {q.shape[1]} columns, got shape {g.shape}")
         if shape is not None and g.shape != shape:
@@ -56,9 +50,9 @@ def _check_inputs(query_emb, query_labels, gallery_labels, galleries: dict, quer
     if (query_ids is None) != (gallery_ids is None):
         raise ValueError("query_ids and gallery_ids must be given together or not at all")
     if query_ids is not None:
-        if _to_numpy(query_ids).shape != (len(q),):
+        if to_numpy(query_ids).shape != (len(q),):
             raise ValueError(f"query_ids must have {len(q)} entries")
-        if _to_numpy(gallery_ids).shape != (shape[0],):
+        if to_numpy(gallery_ids).shape != (shape[0],):
             raise ValueError(f"gallery_ids must have {shape[0]} entries")
     return q, ql, gl
 
@@ -78,7 +72,7 @@ def _score_blocks(query_emb, query_labels, gallery_current, gallery_new, gallery
     q, ql, gl = _check_inputs(query_emb, query_labels, gallery_labels,
                               {"gallery_current": gallery_current, "gallery_new": gallery_new},
                               query_ids, gallery_ids, distance)
-    cur, new = _to_numpy(gallery_current), _to_numpy(gallery_new)
+    cur, new = to_numpy(gallery_current), to_numpy(gallery_new)
     for lo in range(0, len(q), block_size):
         hi = min(lo + block_size, len(q))
         s_cur = similarity_scores(q[lo:hi], cur, distance=distance, gallery_scale=current_scale,
@@ -203,7 +197,7 @@ def greedy_order(query_emb, query_labels, gallery_transformed, gallery_new, gall
     Returns a permutation of gallery row indices (first = backfilled first). ``progress`` an
     optional callable(batch_index, n_batches). Raises ValueError naming a bad argument.
     """
-    t, nw = _to_numpy(gallery_transformed), _to_numpy(gallery_new)
+    t, nw = to_numpy(gallery_transformed), to_numpy(gallery_new)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -259,8 +253,8 @@ def similarity_stats(query_emb, query_labels, gallery_new, gallery_transformed, 
     pick = np.sort(rng.permutation(len(q))[:max_queries])
     qids = None if query_ids is None else np.asarray(query_ids)[pick]
     qs = q[pick]
-    s = {"new": similarity_scores(qs, _to_numpy(gallery_new), distance=distance),
-         "transformed": similarity_scores(qs, _to_numpy(gallery_transformed), distance=distance,
+    s = {"new": similarity_scores(qs, to_numpy(gallery_new), distance=distance),
+         "transformed": similarity_scores(qs, to_numpy(gallery_transformed), distance=distance,
                                           gallery_scale=transformed_scale,
                                           gallery_bias=transformed_bias)}
     rel = ql[pick, None] == gl[None, :]

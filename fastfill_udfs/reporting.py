@@ -27,7 +27,8 @@ LOSS_LABELS = {
 }
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -42,9 +43,16 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str) -> Non
         raise ValueError(f"{name} lacks column(s) {missing}; has {list(df.columns)}")
 
 
-def _prepare(path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 110) -> Path:
+    """Write the matplotlib figure `fig` to `path` (its folder created) with `title` as its
+    suptitle, laid out tight, and close it; returns the path."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
@@ -63,7 +71,7 @@ def plot_curves(curves_df: pd.DataFrame, path: str | Path, metric: str = "mAP",
     if second_metric and second_metric in curves_df.columns and second_metric != metric:
         metrics.append(second_metric)
     refs = _reference_values(references)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.5), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for policy, group in curves_df.groupby(policy_column, sort=False):
@@ -90,12 +98,7 @@ def plot_curves(curves_df: pd.DataFrame, path: str | Path, metric: str = "mAP",
         ax.grid(alpha=0.3)
         ax.set_title(f"{m} vs backfill fraction")
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = _prepare(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, title=title, dpi=120)
 
 
 def _axis_range(values: pd.Series, refs: Mapping[str, Mapping[str, float]], metric: str
@@ -141,7 +144,7 @@ def plot_loss_curves(histories: Mapping[str, object], path: str | Path,
     can go negative). Returns the path."""
     if not histories:
         raise ValueError("histories is empty: nothing to plot")
-    plt = _pyplot()
+    plt = pyplot()
     n = len(histories)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -158,12 +161,7 @@ def plot_loss_curves(histories: Mapping[str, object], path: str | Path,
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = _prepare(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, title=title)
 
 
 def _format_cell(value, floatfmt: str) -> str:
@@ -225,8 +223,7 @@ def plot_forecast(forecast, path: str | Path, *, realised: pd.DataFrame | None =
     others = [c for c in sorted(forecast.candidates, key=lambda c: -c["auc"])
               if c["key"] not in (chosen["key"], "random")][:top]
     rand = next((c for c in forecast.candidates if c["key"] == "random"), None)
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12.0, 4.6))
     for ax, normalise in ((left, False), (right, True)):
         def y(curve):
             return gain_share(curve) if normalise else np.asarray(curve, np.float64)
@@ -257,9 +254,5 @@ def plot_forecast(forecast, path: str | Path, *, realised: pd.DataFrame | None =
         ax.set_title("normalised: forecast vs realised" if normalise else
                      f"forecast {forecast.metric} per candidate order")
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title or f"Backfill forecast: {forecast.decision['key']}")
-    fig.tight_layout()
-    out = _prepare(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, title=title or f"Backfill forecast: {forecast.decision['key']}",
+                       dpi=120)

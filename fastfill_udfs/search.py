@@ -86,7 +86,7 @@ class ServableIndex:
         if bad.any():
             raise ValueError(f"embeddings of ids {list(ids[bad][:5])} contain NaN or inf")
         items = pd.DataFrame({name: (pd.array(v, dtype="Int64") if name == "batch_id" else
-                                     _labels(v) if name == "label" else
+                                     nullable_labels(v) if name == "label" else
                                      np.asarray(v, dtype=object)) for name, v in columns.items()})
         items.index.name = "key"
         index = ShardedGalleryIndex(emb.shape[1], spec=spec, space=space)
@@ -216,11 +216,11 @@ class ServableIndex:
         if len(items) != index.ntotal:
             raise ValueError(f"{folder}: {len(items)} catalog rows for {index.ntotal} vectors")
         items["batch_id"] = items["batch_id"].astype("Int64")
-        items["label"] = _labels(items["label"])
+        items["label"] = nullable_labels(items["label"])
         return cls(index, items, info)
 
 
-def _labels(values) -> pd.array:
+def nullable_labels(values) -> pd.array:
     """Labels as nullable ints (the data contract's `label int`), other values as they are."""
     values = pd.Series(list(values), dtype=object)
     try:

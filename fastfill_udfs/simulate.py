@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from fastfill_udfs.arrays import to_numpy
 from fastfill_udfs.metrics import retrieval_metrics
 
 __all__ = ["backfill_curve", "curve_auc", "curve_mean", "fraction_to_reach", "DEFAULT_FRACTIONS"]
@@ -20,17 +21,11 @@ __all__ = ["backfill_curve", "curve_auc", "curve_mean", "fraction_to_reach", "DE
 DEFAULT_FRACTIONS = tuple(np.round(np.linspace(0.0, 1.0, 11), 10))
 
 
-def _to_numpy(x):
-    if hasattr(x, "detach"):            # torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _item_array(x, n: int, default: float, name: str) -> np.ndarray:
     """A writable float64 array of n entries from None (default), a scalar or a 1-D array."""
     if x is None:
         return np.full(n, default)
-    arr = _to_numpy(x).astype(np.float64)
+    arr = to_numpy(x).astype(np.float64)
     if arr.ndim == 0:
         return np.full(n, float(arr))
     if arr.shape != (n,):
@@ -46,8 +41,8 @@ def curve_auc(fractions, values) -> float:
     Raises ValueError unless both are 1-D of equal length >= 2, ``fractions`` is
     non-decreasing, starts at 0 and ends at 1, and everything is finite.
     """
-    x = _to_numpy(fractions).astype(np.float64)
-    y = _to_numpy(values).astype(np.float64)
+    x = to_numpy(fractions).astype(np.float64)
+    y = to_numpy(values).astype(np.float64)
     if x.ndim != 1 or len(x) < 2:
         raise ValueError(f"fractions must be 1-D with at least 2 points, got shape {x.shape}")
     if y.shape != x.shape:
@@ -68,7 +63,7 @@ def curve_mean(values) -> float:
     point, which equals the trapezoid area only up to the end points' half weight).
 
     Raises ValueError for an empty or non-finite ``values``."""
-    y = _to_numpy(values).astype(np.float64)
+    y = to_numpy(values).astype(np.float64)
     if y.ndim != 1 or len(y) == 0:
         raise ValueError(f"values must be 1-D and non-empty, got shape {y.shape}")
     if not np.all(np.isfinite(y)):
@@ -83,8 +78,8 @@ def fraction_to_reach(fractions, values, target: float, tolerance: float = 0.0) 
     Args: ``fractions`` ascending 1-D; ``values`` same shape; ``target`` e.g. new/new's mAP;
     ``tolerance`` >= 0 (e.g. 0.005 for 0.5 mAP points). Raises ValueError on bad shapes,
     unsorted fractions or a negative tolerance."""
-    x = _to_numpy(fractions).astype(np.float64)
-    y = _to_numpy(values).astype(np.float64)
+    x = to_numpy(fractions).astype(np.float64)
+    y = to_numpy(values).astype(np.float64)
     if x.ndim != 1 or y.shape != x.shape or len(x) == 0:
         raise ValueError(f"fractions {x.shape} and values {y.shape} must be 1-D of equal length")
     if np.any(np.diff(x) < 0):
@@ -121,14 +116,14 @@ def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_lab
     Raises ValueError naming the argument on bad shapes, a non-permutation ``order``, bad
     ``fractions`` or ``batch_ids``.
     """
-    t_g = _to_numpy(transformed_gallery)
-    n_g = _to_numpy(new_gallery)
+    t_g = to_numpy(transformed_gallery)
+    n_g = to_numpy(new_gallery)
     if t_g.ndim != 2:
         raise ValueError(f"transformed_gallery must be 2-D (items x dim), got shape {t_g.shape}")
     if n_g.shape != t_g.shape:
         raise ValueError(f"new_gallery shape {n_g.shape} != transformed_gallery shape {t_g.shape}")
     n = t_g.shape[0]
-    o = _to_numpy(order)
+    o = to_numpy(order)
     if o.ndim != 1 or len(o) != n or (n and not np.issubdtype(o.dtype, np.integer)):
         raise ValueError(f"order must be a 1-D integer array of length {n}")
     o = o.astype(np.int64)
@@ -139,7 +134,7 @@ def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_lab
 
     batch_col = None
     if batch_ids is not None:
-        b = _to_numpy(batch_ids)
+        b = to_numpy(batch_ids)
         if b.ndim != 1 or len(b) != n or (n and not np.issubdtype(b.dtype, np.integer)):
             raise ValueError(f"batch_ids must be a 1-D integer array of length {n} (one per rank)")
         if np.any(np.diff(b) < 0):
@@ -150,7 +145,7 @@ def backfill_curve(order, transformed_gallery, new_gallery, query_emb, query_lab
         frac = n_back / n if n else np.zeros(len(n_back))
         batch_col = np.concatenate([[0], ids]).astype(np.int64)
     else:
-        frac = np.asarray(DEFAULT_FRACTIONS if fractions is None else _to_numpy(fractions),
+        frac = np.asarray(DEFAULT_FRACTIONS if fractions is None else to_numpy(fractions),
                           dtype=np.float64)
         if frac.ndim != 1 or len(frac) == 0:
             raise ValueError("fractions must be a non-empty 1-D sequence")

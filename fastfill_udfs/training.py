@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastfill_udfs.config import OBJECTIVES
 from fastfill_udfs.losses import alignment_loss, fastfill_loss, fct_loss, l2_per_item
 from fastfill_udfs.models import Transformation, make_uncertainty_head, sigma_from_s
 from fastfill_udfs.progress import Progress
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("fastfill", "fct")
 
 
 @dataclass
@@ -154,17 +154,19 @@ def fit_uncertainty_head(h: Transformation, old: np.ndarray, new: np.ndarray,
         per_item = alignment_loss(pred / scale, target / scale, new_classifier.eval()(pred), y,
                                   label_smoothing)
     target = torch.log(per_item.clamp_min(1e-8))
-    out.uncertainty_head = _fit_head(pred, lambda s: fastfill_loss(per_item, s), h.new_dim,
-                                     head_hidden_dim, float(target.mean()), epochs, lr,
-                                     weight_decay, gen)
+    out.uncertainty_head = fit_head(pred, lambda s: fastfill_loss(per_item, s), h.new_dim,
+                                    head_hidden_dim, float(target.mean()), epochs, lr,
+                                    weight_decay, gen)
     out.head_hidden_dim = int(head_hidden_dim)
     return out
 
 
-def _fit_head(feats: torch.Tensor, loss_fn, new_dim: int, hidden: int, init_bias: float,
-              epochs: int, lr: float, weight_decay: float, gen: torch.Generator) -> nn.Module:
-    """Full-batch Adam fit of a fresh head on fixed features (h's raw-scale output, standardised
-    inside by folding the feature mean/std into the first layer afterwards)."""
+def fit_head(feats: torch.Tensor, loss_fn, new_dim: int, hidden: int, init_bias: float,
+             epochs: int, lr: float, weight_decay: float, gen: torch.Generator) -> nn.Module:
+    """Full-batch Adam fit of a fresh head (`make_uncertainty_head(new_dim, hidden)`, last bias
+    `init_bias`) on fixed features `feats` (h's raw-scale output, standardised inside by
+    folding the feature mean/std into the first layer afterwards), minimising
+    `loss_fn(head scores)` for `epochs` steps of Adam (`lr`, `weight_decay`) seeded by `gen`."""
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
     head = make_uncertainty_head(new_dim, hidden)
@@ -209,7 +211,7 @@ def benefit_head(h: Transformation, old: np.ndarray, benefit: np.ndarray, *,
     target = torch.from_numpy(6.0 * (ranks + 0.5) / len(b) - 3.0).float()
     with torch.no_grad():
         feats = h.eval().mlp(torch.from_numpy(np.ascontiguousarray(old, dtype=np.float32)))
-    return _fit_head(feats, lambda s: (s - target).pow(2).mean(), h.new_dim, head_hidden_dim,
+    return fit_head(feats, lambda s: (s - target).pow(2).mean(), h.new_dim, head_hidden_dim,
                      0.0, epochs, lr, weight_decay, gen)
 
 

@@ -40,10 +40,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from fastfill_udfs.reporting import _pyplot
+from fastfill_udfs.reporting import pyplot
 
 losses = [(m.step, m.value) for m in MlflowClient().get_metric_history(result["run_id"], "loss_h")]
-plt = _pyplot()
+plt = pyplot()
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot([s for s, _ in losses], [v for _, v in losses])
 ax.set(xlabel="epoch", ylabel="FastFill loss", title="training h")

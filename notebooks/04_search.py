@@ -5,6 +5,8 @@
 # MAGIC by the new model's embeddings, the rest by `h`'s transformation of their old ones. This
 # MAGIC notebook searches a run at its latest (or any earlier) committed batch with one query (an
 # MAGIC image file, an item id or an embedding) and shows, for each hit, which model made it.
+# MAGIC `serving = true` searches what the serving alias points at instead
+# MAGIC (`pipelines/publish.py`; `docs/moving_gallery.md`).
 
 # COMMAND ----------
 
@@ -33,6 +35,7 @@ image = _query_param("image")          # an image file, embedded by the run's ne
 item_id = _query_param("item_id")      # or an item id (its new-model embedding)
 embedding = _query_param("embedding")  # or numbers / a .npy file
 batch = _query_param("batch")          # a committed batch; empty = the latest
+serving = _query_param("serving", "false")   # true: what the serving alias points at (publish.py)
 
 # COMMAND ----------
 
@@ -45,9 +48,15 @@ if not (image or item_id or embedding):     # nothing asked: search with the fir
     item_id = read_table(get_spark(cfg["spark"]), table_paths(cfg).query_features) \
         .select("id").orderBy("id").first()["id"]
 
-result = search_job(cfg, policy=cfg.get_path("backfill.policy"), image=image or None,
-                    item_id=item_id or None, embedding=embedding or None,
-                    batch=int(batch) if batch else None)
+from fastfill_udfs.notebook import is_true
+
+if is_true(serving):
+    result = search_job(cfg, image=image or None, item_id=item_id or None,
+                        embedding=embedding or None, serving=True)
+else:
+    result = search_job(cfg, policy=cfg.get_path("backfill.policy"), image=image or None,
+                        item_id=item_id or None, embedding=embedding or None,
+                        batch=int(batch) if batch else None)
 hits = result["hits"]
 
 # COMMAND ----------

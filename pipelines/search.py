@@ -3,10 +3,11 @@ latest or any earlier committed batch: prints the top-k ids, scores, labels and,
 whether it is `new` or `transformed` and the model version that made its vector.
 
     spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --policy uncertainty --image img.png
-    spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --id t10k_00042 --batch 3
+    spark-submit pipelines/search.py --config conf/fashion_mnist.yaml --id test-000042 --batch 3
     python pipelines/search.py --config conf/fashion_mnist.yaml --embedding q.npy --k 5
     python pipelines/search.py ... --export warehouse            # also save the servable index
     python pipelines/search.py ... --index DIR_OR_runs:/URI --batch 3 --image img.png   # no Spark
+    python pipelines/search.py --config conf/fashion_mnist.yaml --serving --id t10k_00042   # what is published
 
 Exit codes: 0 done, 2 config error or bad query, 4 refused (saved index of another run, batch or
 Delta version; another new model than the run's; run not ranked)."""
@@ -15,6 +16,7 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.config import EXPORT_TARGETS
 from fastfill_udfs.policies import RUN_POLICIES
 
 
@@ -33,15 +35,20 @@ def main(argv=None) -> int:
     parser.add_argument("--index", default=None,
                         help="a saved servable index (folder, warehouse URI or MLflow runs:/ "
                              "URI) instead of building it from Delta")
-    parser.add_argument("--export", choices=["warehouse", "mlflow"], default=None,
+    parser.add_argument("--export", choices=EXPORT_TARGETS, default=None,
                         help="also write the index built from Delta")
+    parser.add_argument("--serving", action="store_true",
+                        help="search the index the serving alias points at (pipelines/publish.py)")
+    parser.add_argument("--alias", default=None,
+                        help="with --serving: the alias (default: serving.alias)")
 
     def job(cfg, args):
         from fastfill_udfs.spark.search import search_job
 
         return search_job(cfg, policy=args.policy, image=args.image, item_id=args.item_id,
                           embedding=args.embedding, batch=args.batch, k=args.k,
-                          index=args.index, export=args.export, master=args.master)
+                          index=args.index, export=args.export, serving=args.serving,
+                          alias=args.alias, master=args.master)
 
     from fastfill_udfs.search import IndexMismatchError, QueryModelMismatchError
 

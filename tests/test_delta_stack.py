@@ -40,16 +40,42 @@ def test_delta_round_trip_merge_and_time_travel(spark, tmp_path):
 
 
 def test_delta_table_is_readable_without_spark(spark, tmp_path):
-    from fastfill_udfs.data import load_image_table
+    """`load_image_table` reads a table Spark + Delta wrote (deltalake, no JVM) as Spark reads
+    it: partitioned, after checkpoints with the commits before them cleaned up, and with rows
+    deleted through deletion vectors."""
+    import numpy as np
+
+    from fastfill_udfs.data import encode_png, load_image_table
 
     path = str(tmp_path / "imgs")
-    from fastfill_udfs.data import encode_png
-    import numpy as np
-    png = encode_png(np.zeros((4, 4), dtype=np.uint8))
-    write_table(spark.createDataFrame([("x", 1, png), ("y", 2, png)],
-                                      "id string, label int, image binary"), path)
-    items, rejected = load_image_table(path)
-    assert sorted(items["id"]) == ["x", "y"] and rejected.empty
+    rows = [(f"i{k}", k % 3, encode_png(np.full((4, 4), k, dtype=np.uint8)), f"g{k % 2}")
+            for k in range(12)]
+    schema = "id string, label int, image binary, subgroup string"
+    write_table(spark.createDataFrame(rows[:6], schema), path, partition_by=["label"])
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ("
+              "'delta.enableDeletionVectors' = 'true', 'delta.checkpointInterval' = '2')")
+    write_table(spark.createDataFrame(rows[6:], schema), path, mode="append")  # checkpoint
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE id IN ('i1', 'i7', 'i10')")
+    log = tmp_path / "imgs" / "_delta_log"
+    assert (log / "_last_checkpoint").is_file()
+    checkpoint = json.loads((log / "_last_checkpoint").read_text())["version"]
+    for commit in log.glob("*.json"):            # what log cleanup leaves: the checkpoint on
+        if int(commit.name.split(".")[0]) < checkpoint:
+            commit.unlink()
+    assert list((tmp_path / "imgs").rglob("deletion_vector_*.bin"))   # DELETE used a vector
+    spark_ids = sorted(r.id for r in read_table(spark, path).select("id").collect())
+    assert len(spark_ids) == 9
+
+    items, rejected = load_image_table(path, extra_columns=["subgroup"])
+    assert sorted(items["id"]) == spark_ids and rejected.empty
+    by_id = items.set_index("id")
+    assert by_id.loc["i5", "label"] == 2 and by_id.loc["i5", "subgroup"] == "g1"
+    assert by_id.loc["i5", "image"] == rows[5][2]
+    with pytest.raises(ValueError, match=rf"{path}.*\['nope'\]"):
+        load_image_table(path, extra_columns=["nope"])
+    (tmp_path / "broken" / "_delta_log").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"Delta table {tmp_path / 'broken'}"):
+        load_image_table(tmp_path / "broken")
 
 
 def test_data_files_of_the_current_version_and_their_dictionary_columns(spark, tmp_path):

@@ -7,18 +7,14 @@ memory: they are for the demo and tests; at scale the Spark jobs read the tables
 from __future__ import annotations
 
 import io
-import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
-from urllib.parse import unquote, urlparse
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from PIL import Image
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -188,136 +184,28 @@ def load_image_folder(root: PathLike) -> Tuple[pd.DataFrame, pd.DataFrame]:
     return items, _rejected_frame(rejected)
 
 
-# --------------------------------------------------------------------------- Delta (minimal)
+# --------------------------------------------------------------------------- Delta
 
-_DELTA_VERSION_FILE = re.compile(r"^(\d{20})\.json$")
-# Reader features this reader handles: harmless ones, plus two whose actual use it detects
-# and refuses (a deletionVector on an add action; a columnMapping mode in metaData).
-_HANDLED_READER_FEATURES = {"timestampNtz", "vacuumProtocolCheck", "deletionVectors", "columnMapping"}
-_DELTA_PRIMITIVES = {
-    "string": "string", "long": "int64", "integer": "int32", "short": "int16", "byte": "int8",
-    "double": "float64", "float": "float32", "boolean": "bool", "binary": "binary",
-    "date": "date32", "timestamp": "timestamp[us, tz=UTC]", "timestamp_ntz": "timestamp[us]",
-}
+def _read_delta(table: Path, columns: Sequence[str]) -> pa.Table:
+    """`columns` of the latest version of the Delta table at `table`, read with the `deltalake`
+    package (delta-rs: no JVM), which follows the whole protocol: checkpoints, deletion
+    vectors, column mapping, partition columns. Raises ValueError naming the table when it
+    cannot be read or lacks one of `columns`."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
 
-
-def _spark_hint(table: Path) -> str:
-    return (
-        f"read it with Spark instead: spark.read.format('delta').load('{table}') "
-        "(see fastfill_udfs.spark)"
-    )
-
-
-def _delta_live_files(table: Path) -> Tuple[List[Tuple[Path, Dict[str, Any]]], Dict[str, Any]]:
-    """Replay `_delta_log/*.json` commits: return the live data files with their partition
-    values, and the latest metaData action. Only plain tables without checkpoints are handled."""
-    log_dir = table / "_delta_log"
-    names = sorted(os.listdir(log_dir))
-    checkpoints = [n for n in names
-                   if not n.startswith(".") and (".checkpoint" in n or n == "_last_checkpoint")]
-    if checkpoints:
-        # Older commits may already be cleaned up behind a checkpoint; replaying JSON alone
-        # would return a wrong file set.
-        raise NotImplementedError(
-            f"Delta table {table} has checkpoint files ({', '.join(checkpoints[:3])}); this "
-            "minimal reader only replays JSON commits, " + _spark_hint(table)
-        )
-    versions = sorted(
-        (int(m.group(1)), n) for n in names if (m := _DELTA_VERSION_FILE.match(n))
-    )
-    if not versions:
-        raise ValueError(f"Delta table {table}: _delta_log holds no commit files")
-    found = [v for v, _ in versions]
-    if found != list(range(len(found))):
-        raise ValueError(
-            f"Delta table {table}: commit versions are not contiguous from 0 (found "
-            f"{found[:5]}{'...' if len(found) > 5 else ''}); " + _spark_hint(table)
-        )
-    live: Dict[str, Dict[str, Any]] = {}
-    metadata: Dict[str, Any] = {}
-    for _, name in versions:
-        with open(log_dir / name, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    action = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"Delta log {log_dir / name} line {line_no}: bad JSON") from exc
-                if "protocol" in action:
-                    _check_protocol(table, action["protocol"])
-                if "metaData" in action:
-                    metadata = action["metaData"]
-                    mode = metadata.get("configuration", {}).get("delta.columnMapping.mode", "none")
-                    if mode != "none":
-                        raise NotImplementedError(
-                            f"Delta table {table} uses column mapping ({mode}); " + _spark_hint(table)
-                        )
-                if "add" in action:
-                    add = action["add"]
-                    if add.get("deletionVector"):
-                        raise NotImplementedError(
-                            f"Delta table {table} uses deletion vectors; " + _spark_hint(table)
-                        )
-                    live[add["path"]] = add
-                if "remove" in action:
-                    live.pop(action["remove"]["path"], None)
-    files = [(_delta_file_path(table, p), add.get("partitionValues") or {}) for p, add in live.items()]
-    return sorted(files, key=lambda f: str(f[0])), metadata
-
-
-def _check_protocol(table: Path, protocol: Mapping[str, Any]) -> None:
-    version = int(protocol.get("minReaderVersion", 1))
-    features = set(protocol.get("readerFeatures") or [])
-    if version > 3 or (version == 3 and not features <= _HANDLED_READER_FEATURES):
-        raise NotImplementedError(
-            f"Delta table {table} needs reader version {version} "
-            f"(features: {sorted(features) or 'none'}); " + _spark_hint(table)
-        )
-
-
-def _delta_file_path(table: Path, raw: str) -> Path:
-    parsed = urlparse(raw)
-    if parsed.scheme in ("", "file"):
-        # Delta stores paths URL-encoded; relative ones are relative to the table root.
-        local = Path(unquote(parsed.path if parsed.scheme else raw))
-        return local if local.is_absolute() else table / local
-    raise NotImplementedError(
-        f"Delta table {table} references a non-local file {raw!r}; " + _spark_hint(table)
-    )
-
-
-def _read_delta(table: Path, columns: Sequence[str]) -> Optional[pa.Table]:
-    files, metadata = _delta_live_files(table)
-    schema_fields = json.loads(metadata.get("schemaString", '{"fields": []}')).get("fields", [])
-    schema_names = [f["name"] for f in schema_fields]
-    _require_columns(table, schema_names, columns)
-    types = {f["name"]: f["type"] for f in schema_fields}
-    partition_cols = set(metadata.get("partitionColumns") or [])
-    pieces = []
-    for path, part_values in files:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Delta table {table}: data file {path} listed as live in the log is missing"
-            )
-        file_cols = [c for c in columns if c not in partition_cols]
-        piece = pq.read_table(path, columns=file_cols)
-        for col in columns:
-            if col in partition_cols:
-                piece = piece.append_column(
-                    col, _partition_column(part_values.get(col), types.get(col), piece.num_rows)
-                )
-        pieces.append(piece.select(list(columns)))
-    if not pieces:
-        return None
-    return pa.concat_tables(pieces, promote_options="permissive")
-
-
-def _partition_column(value: Optional[str], delta_type: Any, n: int) -> pa.Array:
-    arrow_type = _DELTA_PRIMITIVES.get(delta_type, "string") if isinstance(delta_type, str) else "string"
-    col = pa.array([value] * n, type=pa.string())
-    # Delta stores partition values as strings; binary values are raw, others parse by cast.
-    return col.cast(pa.binary()) if arrow_type == "binary" else col.cast(arrow_type)
+    try:
+        delta = DeltaTable(str(table))
+        _require_columns(table, [f.name for f in delta.schema().fields], columns)
+        data = pa.table(delta.scan(columns=list(columns)))
+    except (DeltaError, pa.ArrowException, OSError) as exc:
+        raise ValueError(f"Delta table {table} cannot be read: {type(exc).__name__}: {exc}"
+                         ) from exc
+    # delta-rs hands strings and bytes over as Arrow view types; the loader works on plain ones
+    plain = {pa.types.is_string_view: pa.string(), pa.types.is_binary_view: pa.binary()}
+    return data.cast(pa.schema([
+        f.with_type(next((t for is_view, t in plain.items() if is_view(f.type)), f.type))
+        for f in data.schema]))
 
 
 # --------------------------------------------------------------------------- Parquet / Delta
@@ -355,17 +243,16 @@ def load_image_table(path: PathLike, extra_columns: Sequence[str] = ()
 
     Args:
         path: a Parquet file, a folder of Parquet files (hive partitions allowed), or a Delta
-            table folder (has `_delta_log/`). Delta is read without Spark by replaying the JSON
-            commit log; tables with checkpoints, deletion vectors or column mapping raise
-            NotImplementedError telling you to read them with Spark.
+            table folder (has `_delta_log/`), read without Spark by `deltalake` (any Delta
+            table: checkpoints, deletion vectors, column mapping).
     Returns:
         (items[id str, label int64, image bytes, *extra_columns], rejected[id, reason]); a row
         is rejected when
         its id or image is null, its label is null, negative or not an integer, or its image does
         not decode (all its problems are listed in `reason`).
     Raises:
-        FileNotFoundError: `path` missing. ValueError: required or extra columns missing (named), or
-        duplicate ids (a few listed). NotImplementedError: see above.
+        FileNotFoundError: `path` missing. ValueError: required or extra columns missing (named),
+        duplicate ids (a few listed), or a Delta table that cannot be read (named).
     """
     table_path = Path(path)
     if not table_path.exists():
@@ -382,7 +269,7 @@ def load_image_table(path: PathLike, extra_columns: Sequence[str] = ()
         _require_columns(table_path, dataset.schema.names, columns)
         table = dataset.to_table(columns=columns)
 
-    if table is None or table.num_rows == 0:
+    if table.num_rows == 0:
         empty = pd.DataFrame({"id": pd.Series([], dtype=object),
                               "label": pd.Series([], dtype=np.int64),
                               "image": pd.Series([], dtype=object),

@@ -197,7 +197,7 @@ def plot_report(curves: pd.DataFrame, references: pd.DataFrame, path, labels: di
                 policies: Sequence[str] | None = None) -> Path:
     """mAP (top row) and top-1 (bottom row) vs backfill fraction, one column per scenario: the
     mean over seeds per policy with a min-max band; new/new as a dashed line."""
-    plt = reporting._pyplot()
+    plt = reporting.pyplot()
     scenarios = list(pd.unique(curves.scenario))
     fig, axes = plt.subplots(2, len(scenarios), figsize=(6.5 * len(scenarios), 9.0),
                              squeeze=False)
@@ -233,9 +233,5 @@ def plot_report(curves: pd.DataFrame, references: pd.DataFrame, path, labels: di
             ax.set_ylabel(metric)
             ax.set_title(f"{SCENARIO_LABELS.get(scenario, scenario)}: {metric}", fontsize=10)
             ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Backfilling curves on Fashion-MNIST (mean over seeds, band: min-max)")
-    fig.tight_layout()
-    out = reporting._prepare(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return reporting.save_figure(
+        fig, path, title="Backfilling curves on Fashion-MNIST (mean over seeds, band: min-max)")

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from fastfill_udfs.calibration import item_correction
-from fastfill_udfs.config import Config
+from fastfill_udfs.config import H_TRAIN_DATA, STUDY_POLICIES, Config
 from fastfill_udfs.data import stratified_subset
 from fastfill_udfs.demo.cnn import EmbeddingCNN, train_embedding_model
 from fastfill_udfs.demo.protocol import Split, load_split, old_model_subset
@@ -28,17 +28,6 @@ from fastfill_udfs.simulate import backfill_curve, curve_auc, curve_mean, fracti
 from fastfill_udfs.training import History, train_transformation, transform
 
 log = logging.getLogger(__name__)
-
-# study policy name -> (which h, ordering policy)
-STUDY_POLICIES = {
-    "fct_random": ("fct", "random"),
-    "fastfill_random": ("fastfill", "random"),
-    "fastfill_uncertainty": ("fastfill", "uncertainty"),        # the paper's sigma head
-    "fastfill_benefit": ("fastfill_benefit", "uncertainty"),    # head refit to the benefit
-    "fastfill_prototype": ("fastfill", "prototype"),            # classifier-free
-    "fastfill_oracle": ("fastfill", "oracle"),                  # needs the new embeddings
-    "fastfill_auto": ("fastfill", "auto"),                      # the forecast's choice
-}
 
 
 @dataclass
@@ -190,9 +179,6 @@ def forecast_auto_order(cfg: Config, hs: dict, old, new, labels):
     for line in forecast.summary_lines():
         log.info("%s", line)
     return forecast
-
-
-H_TRAIN_DATA = ("all", "old_model")
 
 
 def h_training_rows(cfg: Config, n_train: int, old_rows: np.ndarray) -> np.ndarray:

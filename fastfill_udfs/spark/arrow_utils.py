@@ -1,9 +1,12 @@
 """Arrow <-> numpy for embedding columns (`array<float>` in Spark, `list<float>` in Arrow),
-without going through Python lists: one flat buffer per batch, reshaped."""
+without going through Python lists: one flat buffer per batch, reshaped; `arrow_rows` brings a
+Spark DataFrame with an embedding column to the driver that way."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+from pyspark.sql import DataFrame
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,3 +49,23 @@ def list_array(matrix: np.ndarray) -> pa.ListArray:
     n, dim = matrix.shape
     offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+
+
+def arrow_rows(df: DataFrame, what: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """(the non-embedding columns as pandas, the embeddings as float32 rows) of `df`, through
+    Arrow (no Python list per row). Raises ValueError naming ids with a null, wrong-size or
+    NaN embedding."""
+    table = df.toArrow()
+    others = table.drop_columns(["embedding"]).to_pandas()
+    if not len(table):
+        return others, np.zeros((0, 0), np.float32)
+    column = table.column("embedding").combine_chunks()
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    dim = int(np.bincount(np.nan_to_num(lengths, nan=0).astype(np.int64)).argmax())
+    matrix, reasons = embedding_matrix(column, dim)
+    bad = reasons != None  # noqa: E711
+    if bad.any():
+        ids = others["id"].to_numpy(dtype=object)[bad][:5].tolist()
+        raise ValueError(f"{what}: {int(bad.sum())} rows cannot be indexed, e.g. ids {ids}: "
+                         f"{reasons[bad][0]}")
+    return others, matrix

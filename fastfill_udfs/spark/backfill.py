@@ -33,6 +33,7 @@ from fastfill_udfs.progress import Progress
 from fastfill_udfs.spark.delta_io import (TableNotFoundError, quarantine_count, read_table,
                                           table_paths, write_quarantine)
 from fastfill_udfs.spark.ingest import embed_images
+from fastfill_udfs.spark.lease import retry_conflicts
 from fastfill_udfs.spark.rank import LOG_SCHEMA, check_ranking_current, plan_metadata
 from fastfill_udfs.spark.validation import ReconciliationError
 
@@ -50,9 +51,10 @@ def committed_batches(spark: SparkSession, cfg: Config, run: str) -> list[int]:
     return sorted(r["batch_id"] for r in rows.collect())
 
 
-def planned_batches(spark: SparkSession, cfg: Config, run: str) -> dict[int, int]:
-    """batch_id -> number of items of the run's plan (from batch 0's record of its size and
-    batching; an aggregate over backfill_plan for runs ranked before that was recorded)."""
+def ranked_batches(spark: SparkSession, cfg: Config, run: str) -> dict[int, int]:
+    """batch_id -> number of items of the run's plan as ranked (from batch 0's record of its
+    size and batching; an aggregate over backfill_plan for runs ranked before that was
+    recorded)."""
     from fastfill_udfs.policies import batch_sizes
 
     meta = plan_metadata(spark, cfg, run) or {}
@@ -60,7 +62,18 @@ def planned_batches(spark: SparkSession, cfg: Config, run: str) -> dict[int, int
         sizes = batch_sizes(int(meta["backfill_plan"]), **meta["batching"])
         return {b: int(n) for b, n in enumerate(sizes, start=1)}
     plan = read_table(spark, table_paths(cfg, run).backfill_plan)
-    return {r["batch_id"]: r["count"] for r in plan.groupBy("batch_id").count().collect()}
+    return {r["batch_id"]: r["count"] for r in plan.groupBy("batch_id").count().collect()
+            if r["batch_id"] > 0}
+
+
+def planned_batches(spark: SparkSession, cfg: Config, run: str) -> dict[int, int]:
+    """`ranked_batches`, plus batches after them for items a sync queued once the ranked plan
+    was done (`sync.extra_batches`)."""
+    from fastfill_udfs.spark.pending import extra_batches
+
+    ranked = ranked_batches(spark, cfg, run)
+    batching = (plan_metadata(spark, cfg, run) or {}).get("batching") or {}
+    return {**ranked, **extra_batches(spark, cfg, run, ranked, batching)}
 
 
 def check_new_model(meta: dict, new_model: ModelRef, run: str) -> None:
@@ -87,7 +100,7 @@ def tagged_commits(spark: SparkSession, path: str, since_version: int, *,
         return {}
     history = (DeltaTable.forPath(spark, path).history(newer)
                .where(F.col("version") > since_version).where("userMetadata IS NOT NULL")
-               .select("version", "userMetadata", "operationMetrics").collect())
+               .select("version", "userMetadata", "operationMetrics", "readVersion").collect())
     out = {}
     for row in history:
         try:
@@ -96,7 +109,8 @@ def tagged_commits(spark: SparkSession, path: str, since_version: int, *,
             continue
         if isinstance(meta, dict) and BATCH_TAG in meta:
             out[int(meta[BATCH_TAG])] = {"version": int(row["version"]),
-                                         "metrics": dict(row["operationMetrics"] or {})}
+                                         "metrics": dict(row["operationMetrics"] or {}),
+                                         "read_version": row["readVersion"]}
     return out
 
 
@@ -132,10 +146,12 @@ def backfill_batch(spark: SparkSession, cfg: Config, new_model: ModelRef, run: s
 
     Raises ValueError when the model's output dimension is not the plan's (before merging),
     ReconciliationError when the MERGE did not update exactly the embedded items."""
+    from fastfill_udfs.spark.pending import batch_input, merged_expected
+
     paths = table_paths(cfg, run)
     image_col = meta.get("image_column", "image")
-    items = (read_table(spark, paths.backfill_plan).where(F.col("batch_id") == batch_id)
-             .select("id", image_col))
+    # the plan's rows still transformed in the batch's partition (a sync may have taken some)
+    items, input_version = batch_input(spark, paths, batch_id, image_col)
     missing = spark.createDataFrame([], "id string, reason string")
     if image_col == "image_uri":
         from fastfill_udfs.spark.images import attach_images
@@ -164,22 +180,30 @@ def backfill_batch(spark: SparkSession, cfg: Config, new_model: ModelRef, run: s
             log.warning("backfill %s batch %d: %d item(s) quarantined, e.g. %s", run, batch_id,
                         n_failed, "; ".join(r["reason"] for r in failed.limit(2).collect()))
         features = DeltaTable.forPath(spark, paths.gallery_features)
-        _merge_batch(spark, features, good, batch_id, run, new_model.version)
+        retry_conflicts(lambda: _merge_batch(spark, features, good, batch_id, run,
+                                             new_model.version),
+                        f"backfill {run} batch {batch_id}: MERGE into {paths.gallery_features}",
+                        cfg.get_path("sync.conflict_retries"))
+        # the lease keeps other backfills out, but a sync may commit beside it
+        commit = tagged_commits(spark, paths.gallery_features, input_version)
+        if batch_id not in commit:
+            raise ReconciliationError(f"batch {batch_id} of run '{run}': its MERGE commit is "
+                                      f"not in the history of {paths.gallery_features}")
+        expected = merged_expected(spark, paths, batch_id, good, n_good,
+                                   commit[batch_id]["read_version"], input_version)
     finally:
         embedded.unpersist()
-    # the lease keeps other writers out: the MERGE is the newest commit
-    commit = tagged_commits(spark, paths.gallery_features, int(meta.get("last_version", -1)),
-                            newest_only=True)
-    if batch_id not in commit:
-        raise ReconciliationError(f"batch {batch_id} of run '{run}': its MERGE commit is not in "
-                                  f"the history of {paths.gallery_features}")
     updated = int(commit[batch_id]["metrics"].get("numTargetRowsUpdated", -1))
-    if updated != n_good:
+    if expected != n_good:
+        log.info("backfill %s batch %d: %d of its %d embedded items were taken by a sync "
+                 "meanwhile (made new, queued again or deleted); not merged", run, batch_id,
+                 n_good - expected, n_good)
+    if updated != expected:
         raise ReconciliationError(
             f"batch {batch_id} of run '{run}': the MERGE updated {updated} rows of "
-            f"{paths.gallery_features}, but {n_good} items were embedded (quarantined: "
-            f"{n_failed}); rows were applied twice or are missing")
-    return n_good, commit[batch_id]["version"]
+            f"{paths.gallery_features}, but {expected} items were embedded and still pending "
+            f"(quarantined: {n_failed}); rows were applied twice or are missing")
+    return updated, commit[batch_id]["version"]
 
 
 def run_lease(spark: SparkSession, cfg: Config, run: str):
@@ -232,7 +256,9 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
     finished = []
     # a job that died can have merged (at most) its batch without logging it: the first one
     earlier = tagged_commits(spark, paths.gallery_features, meta["last_version"])
-    for batch_id in pending:
+    n_ranked = len(ranked_batches(spark, cfg, run))
+    while pending:
+        batch_id = pending.pop(0)
         started = datetime.now(timezone.utc)
         if batch_id in earlier:  # merged by a job that died before logging it
             n = int(earlier[batch_id]["metrics"].get("numTargetRowsUpdated", 0))
@@ -241,8 +267,12 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
                         "job that stopped before logging it; logging it now", run,
                         batch_id, version)
         else:
+            from fastfill_udfs.spark.pending import absorb_queued
+
+            absorb_queued(spark, cfg, run, batch_id, planned, meta.get("batching") or {},
+                          n_ranked)             # items a sync queued (transform mode)
             n, version = backfill_batch(spark, cfg, new_model, run, batch_id, meta,
-                                        retried=batch_id == pending[0])
+                                        retried=not finished)
         append_log_row(spark, paths.backfill_log, batch_id, n, version, started)
         meta["last_version"] = version
         lease.renew_if_due()
@@ -250,4 +280,10 @@ def run_backfill(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str
         progress.update(extra=f"batch {batch_id}: {n} items, gallery_features v{version}")
         if on_committed is not None:
             on_committed(batch_id, version)
+        if not pending and (not max_batches or len(finished) < max_batches):
+            planned = planned_batches(spark, cfg, run)   # a sync may have queued more
+            pending = [b for b in sorted(planned) if b not in done | set(finished)]
+            if max_batches:
+                pending = pending[:max_batches - len(finished)]
     return finished
+

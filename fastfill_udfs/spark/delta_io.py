@@ -1,16 +1,20 @@
 """Delta Lake I/O: where each table of the data contract lives, and reading/writing them.
 
 Tables are path-based (`<warehouse>/<name>`), so the same code runs locally and on a cluster.
+Files beside the tables (a commit's JSON, an exported index) go through Hadoop's file systems
+(`hadoop_fs`), so any store Spark reads works.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
+from fastfill_udfs.spark.arrow_utils import arrow_rows
 
 
 class TableNotFoundError(FileNotFoundError):
@@ -59,6 +63,32 @@ def table_paths(cfg: Config, run: str | None = None) -> TablePaths:
                       query_features=f"{root}/query_features",
                       quarantine=f"{root}/quarantine", train_pairs=f"{root}/train_pairs",
                       **per_run)
+
+
+def hadoop_path(spark: SparkSession, path: str):
+    """`path` (a local path or any URI the cluster's Hadoop file systems read) as a Hadoop
+    `Path` (a JVM object)."""
+    return spark.sparkContext._jvm.org.apache.hadoop.fs.Path(str(path))
+
+
+def hadoop_fs(spark: SparkSession, path: str):
+    """(the Hadoop `FileSystem` holding `path`, `path` as a Hadoop `Path`), both JVM objects:
+    local, `file:`, `hdfs:`, `s3a:`, `abfss:`, `dbfs:`, whatever the session is configured for."""
+    hpath = hadoop_path(spark, path)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def read_text_file(spark: SparkSession, path: str) -> str | None:
+    """The text (UTF-8) of the file at `path` through Hadoop's file systems, or None when
+    there is no file there."""
+    fs, hpath = hadoop_fs(spark, path)
+    if not fs.exists(hpath):
+        return None
+    stream = fs.open(hpath)
+    try:
+        return spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
 
 
 def is_delta_table(spark: SparkSession, path: str) -> bool:
@@ -140,9 +170,39 @@ def latest_version(spark: SparkSession, path: str) -> int:
     return int(row["version"])
 
 
+def read_features(spark: SparkSession, path: str, version: int,
+                  columns=("id", "embedding", "source", "model_version", "batch_id")):
+    """gallery_features at `version` (Delta time travel): (columns as pandas, embeddings)."""
+    df = read_table(spark, path, version=version).select(*columns)
+    return arrow_rows(df, f"gallery_features {path} at version {version}")
+
+
+def logged_ranking(spark: SparkSession, log_table: str) -> str | None:
+    """The ranking the backfill_log table at `log_table` records: when its batch 0 was started
+    (microseconds since the epoch, whatever the session's time zone); None when the table or
+    its batch 0 is not there."""
+    if not is_delta_table(spark, log_table):
+        return None
+    row = (read_table(spark, log_table).where("batch_id = 0")
+           .select(F.unix_micros("started_at").alias("started_at")).first())
+    return None if row is None else str(row["started_at"])
+
+
+def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
+    """Identifies one ranking of `run` (`logged_ranking` of its backfill_log). A re-ranked run
+    (rank --force, or tables rebuilt from scratch) gets a new one, and with it a new MLflow
+    run. Raises ValueError when `run` has not been ranked."""
+    path = table_paths(cfg, run).backfill_log
+    found = logged_ranking(spark, path)
+    if found is None:
+        raise ValueError(f"run {run!r} is not ranked (no batch 0 in {path}): run "
+                         f"pipelines/rank_gallery.py first")
+    return found
+
+
 QUARANTINE_SCHEMA = ("id string, stage string, run string, reason string, detected_at timestamp, "
                      "batch_id int")
-QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill")
+QUARANTINE_STAGES = ("ingest", "queries", "rank", "backfill", "sync")
 
 
 def _quarantine_condition(stage: str, run: str | None, batch_id: int | None) -> str:
@@ -176,3 +236,43 @@ def quarantine_count(spark: SparkSession, path: str, stage: str, run: str | None
     if not is_delta_table(spark, path):
         return 0
     return read_table(spark, path).where(_quarantine_condition(stage, run, batch_id)).count()
+
+
+METADATA_KEY = "spark.databricks.delta.commitInfo.userMetadata"
+
+
+class tagged:
+    """Context manager: every Delta commit made inside carries `meta` as user metadata."""
+
+    def __init__(self, spark: SparkSession, meta: dict):
+        import json
+
+        self.spark, self.text = spark, json.dumps(meta, sort_keys=True, default=str)
+
+    def __enter__(self):
+        self.spark.conf.set(METADATA_KEY, self.text)
+
+    def __exit__(self, *exc):
+        self.spark.conf.unset(METADATA_KEY)
+
+
+def merge_counts(result: DataFrame | None) -> dict:
+    """{"updated", "inserted", "deleted"} rows of a Delta MERGE's `execute()` result."""
+    row = result.first() if result is not None else None
+    if row is None:
+        return {"updated": 0, "inserted": 0, "deleted": 0}
+    d = row.asDict()
+    return {"updated": int(d.get("num_updated_rows", 0) or 0),
+            "inserted": int(d.get("num_inserted_rows", 0) or 0),
+            "deleted": int(d.get("num_deleted_rows", 0) or 0)}
+
+
+def is_local_uri(uri: str) -> bool:
+    """Whether `uri` is a path on this machine (no scheme, or file:)."""
+    return "://" not in uri and not uri.startswith("dbfs:") or uri.startswith("file:")
+
+
+def local_path(uri: str) -> Path:
+    """The local path of a file: URI or plain path."""
+    return Path(uri[len("file://"):] if uri.startswith("file://") else
+                uri[len("file:"):] if uri.startswith("file:") else uri)

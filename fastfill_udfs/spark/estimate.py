@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from fastfill_udfs.config import BACKFILL_STOPS as STOP_RULES
 from fastfill_udfs.config import Config
 from fastfill_udfs.model_loading import ModelRef
 from fastfill_udfs.progress import format_seconds
@@ -118,14 +119,11 @@ def estimate_metrics(rate: Rate | None, items_left: int, stop: dict | None) -> d
     return out
 
 
-STOP_RULES = ("none", "forecast")
-
-
 def plan_ahead(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str, policy: str, *,
                stop: str, max_batches: int | None, measure: bool = True) -> dict:
     """Before a backfill's first batch: the batches it will run (`max_batches`, cut at the
     forecast's recommended stop when `stop` is ``forecast``), the measured rate and the cost
-    lines. Returns {max_batches, lines, metrics, stop}. Raises ValueError for an unknown
+    lines. Returns {max_batches, lines, metrics, stop, pending (batches)}. Raises ValueError for an unknown
     `stop` (naming backfill.stop), NoForecastError for ``forecast`` without a forecast."""
     from fastfill_udfs.spark.backfill import committed_batches, planned_batches
     from fastfill_udfs.spark.forecast import (NoForecastError, forecast_fractions,
@@ -170,4 +168,4 @@ def plan_ahead(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str, 
         lines.append(f"backfill.stop=forecast: this job stops after batch {stop_info['batch']} "
                      f"({budget} batch(es) to run now); rerun with --stop none to go on")
     return {"max_batches": budget, "lines": lines, "rate": rate, "stop": stop_info,
-            "metrics": estimate_metrics(rate, items_left, stop_info)}
+            "pending": len(pending), "metrics": estimate_metrics(rate, items_left, stop_info)}

@@ -22,64 +22,31 @@ from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
 from fastfill_udfs.faiss_index import IndexSpec, ShardedGalleryIndex, space_for
 from fastfill_udfs.index_eval import evaluate_index
 from fastfill_udfs.simulate import curve_auc
-from fastfill_udfs.spark.arrow_utils import embedding_matrix
-from fastfill_udfs.spark.delta_io import is_delta_table, read_table, table_paths
+from fastfill_udfs.spark.arrow_utils import arrow_rows
+from fastfill_udfs.spark.delta_io import (ranking_id, read_features, read_table, read_text_file,
+                                          table_paths)
+from fastfill_udfs.spark.sync import synced_history
 from fastfill_udfs.spark.validation import ReconciliationError
 
 log = logging.getLogger(__name__)
 CURVE_METRICS = ("mAP", "top1", "top5")
-SOURCES = ("new", "transformed")
 
 
 # ----------------------------------------------------------------------------- reading
-def _arrow_rows(df: DataFrame, what: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """(the non-embedding columns as pandas, the embeddings as float32 rows) of `df`, through
-    Arrow (no Python list per row). Raises ValueError naming ids with a null, wrong-size or
-    NaN embedding."""
-    table = df.toArrow()
-    others = table.drop_columns(["embedding"]).to_pandas()
-    if not len(table):
-        return others, np.zeros((0, 0), np.float32)
-    column = table.column("embedding").combine_chunks()
-    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
-    dim = int(np.bincount(np.nan_to_num(lengths, nan=0).astype(np.int64)).argmax())
-    matrix, reasons = embedding_matrix(column, dim)
-    bad = reasons != None  # noqa: E711
-    if bad.any():
-        ids = others["id"].to_numpy(dtype=object)[bad][:5].tolist()
-        raise ValueError(f"{what}: {int(bad.sum())} rows cannot be indexed, e.g. ids {ids}: "
-                         f"{reasons[bad][0]}")
-    return others, matrix
-
-
-def read_features(spark: SparkSession, path: str, version: int,
-                  columns=("id", "embedding", "source", "model_version", "batch_id")):
-    """gallery_features at `version` (Delta time travel): (columns as pandas, embeddings)."""
-    df = read_table(spark, path, version=version).select(*columns)
-    return _arrow_rows(df, f"gallery_features {path} at version {version}")
-
-
 def _commit_actions(spark: SparkSession, path: str, version: int) -> list[dict] | None:
     """The actions of commit `version` of the Delta table at `path` (its `_delta_log` JSON
     file, read through Hadoop's FileSystem so any store Spark reads works), or None when the
     file is not there (e.g. a table whose commits are managed elsewhere)."""
-    jvm = spark.sparkContext._jvm
-    log_file = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
-    fs = log_file.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(log_file):
+    text = read_text_file(spark, f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
+    if text is None:
         return None
-    stream = fs.open(log_file)
-    try:
-        text = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-    finally:
-        stream.close()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -129,14 +96,14 @@ def read_batch_rows(spark: SparkSession, path: str, version: int, batch_id: int)
               .parquet(*files) if files else None)
         if df is None:
             return pd.DataFrame({"id": [], "model_version": []}), np.zeros((0, 0), np.float32)
-        return _arrow_rows(df.where(F.col("batch_id") == batch_id)
-                           .select("id", "embedding", "model_version"), what)
+        return arrow_rows(df.where(F.col("batch_id") == batch_id)
+                          .select("id", "embedding", "model_version"), what)
     log.info("evaluate: batch %d's rows read through Delta time travel (its commit %d is not a "
              "plain tagged MERGE)", batch_id, version)
     df = (read_table(spark, path, version=version)
           .where((F.col("planned_batch_id") == batch_id) & (F.col("batch_id") == batch_id))
           .select("id", "embedding", "model_version"))
-    return _arrow_rows(df, what)
+    return arrow_rows(df, what)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -145,9 +112,9 @@ class QuerySet:
 
     def __init__(self, spark: SparkSession, cfg: Config):
         path = table_paths(cfg).query_features
-        others, emb = _arrow_rows(read_table(spark, path).select("id", "label", "subgroup",
-                                                                   "embedding"),
-                                  f"query_features table {path}")
+        others, emb = arrow_rows(read_table(spark, path).select("id", "label", "subgroup",
+                                                                  "embedding"),
+                                 f"query_features table {path}")
         if others.empty:
             raise ValueError(f"query_features table {path} is empty")
         order = np.argsort(others["id"].to_numpy(dtype=str), kind="stable")
@@ -172,7 +139,9 @@ class RunEvaluator:
         self.spark, self.cfg, self.run = spark, cfg, run
         self.paths = table_paths(cfg, run)
         self.queries = queries or QuerySet(spark, cfg)
-        gallery = read_table(spark, self.paths.gallery).select("id", "label", "subgroup").toPandas()
+        self.history, self.catalog_version = synced_history(spark, cfg, run)
+        gallery = (read_table(spark, self.paths.gallery, version=self.catalog_version)
+                   .select("id", "label", "subgroup").toPandas())
         gallery = gallery.sort_values("id", kind="stable").reset_index(drop=True)
         self.key_of = pd.Series(np.arange(len(gallery), dtype=np.int64), index=gallery["id"])
         self.gallery = gallery
@@ -232,10 +201,45 @@ class RunEvaluator:
         index.build(self.query_keys[in_gallery], q.embeddings[in_gallery])
         return {f"new_new_{k}": v for k, v in self._summaries(self._evaluate(index)).items()}
 
+    def _follow_gallery(self, version: int) -> None:
+        """Bring the item catalog to the gallery version the run reflects at features
+        `version`: items a sync added get keys, labels follow the gallery; the keys of items
+        deleted since stay (unindexed), so earlier steps still resolve."""
+        if self.history is None:
+            return
+        g = self.history.gallery_version(version)
+        if g == self.catalog_version:
+            return
+        now = (read_table(self.spark, self.paths.gallery, version=g)
+               .select("id", "label", "subgroup").toPandas())
+        now["label"] = now["label"].astype(object)
+        known = now["id"].isin(self.key_of.index).to_numpy()
+        added = now[~known].sort_values("id", kind="stable").reset_index(drop=True)
+        if len(added):
+            start = len(self.gallery)
+            self.gallery = pd.concat([self.gallery.astype({"label": object}), added],
+                                     ignore_index=True)
+            self.key_of = pd.concat([self.key_of, pd.Series(
+                np.arange(start, start + len(added), dtype=np.int64), index=added["id"])])
+            grow = len(added)
+            self.source = np.r_[self.source, np.full(grow, None, dtype=object)]
+            self.model_version = np.r_[self.model_version, np.full(grow, None, dtype=object)]
+            self.batch_of = np.r_[self.batch_of, np.full(grow, -1, dtype=np.int64)]
+        kept = now[known]
+        rows = self.key_of.reindex(kept["id"].to_numpy(dtype=object)).to_numpy(dtype=np.int64)
+        self.gallery = self.gallery.astype({"label": object})
+        self.gallery.loc[rows, "label"] = kept["label"].to_numpy(dtype=object)
+        self.gallery.loc[rows, "subgroup"] = kept["subgroup"].to_numpy(dtype=object)
+        self.query_keys = self.key_of.reindex(self.queries.ids).fillna(-1).to_numpy(np.int64)
+        self.catalog_version = g
+
     def _update_index(self, batch_id: int, version: int) -> None:
         path = self.paths.gallery_features
+        self._follow_gallery(version)
         incremental = (self.index is not None and self.indexed_batch == batch_id - 1
-                       and self.indexed_version is not None and version > self.indexed_version)
+                       and self.indexed_version is not None and version > self.indexed_version
+                       and not (self.history is not None   # a sync moved rows: rebuild
+                                and self.history.any_between(self.indexed_version, version)))
         if incremental:
             rows, vectors = read_batch_rows(self.spark, path, version, batch_id)
             keys = self._keys(rows["id"], f"batch {batch_id} of {path}")
@@ -271,16 +275,21 @@ class RunEvaluator:
         self._update_index(batch_id, version)
         t1 = time.perf_counter()
         n_new = int((self.source == "new").sum())
-        if n_new != n_backfilled:
+        synced = self.history.new_delta(version) if self.history is not None else 0
+        if n_new != n_backfilled + synced:
             raise ReconciliationError(
                 f"run '{self.run}' batch {batch_id}: gallery_features at version {version} holds "
-                f"{n_new} new items, backfill_log says {n_backfilled}")
+                f"{n_new} new items, backfill_log says {n_backfilled}"
+                + (f" and the syncs up to it {synced:+d}" if synced else ""))
         c1 = time.process_time()
         result = self._evaluate(self.index, self.source)
         t2, c2 = time.perf_counter(), time.process_time()
         out = self._summaries(result)
         out.update(result.recall_metrics())
-        out["backfill_fraction"] = n_backfilled / max(1, self.index.ntotal)
+        out["backfill_fraction"] = n_new / max(1, self.index.ntotal)
+        if self.history is not None and self.history.any_between(-1, version):  # a moving gallery
+            out["n_gallery"] = self.index.ntotal
+            out.update({f"synced_{k}": v for k, v in self.history.synced_counts(version).items()})
         pair = self.gap_pair
         for metric in ("top1", "mAP"):
             if pair:
@@ -299,14 +308,14 @@ class RunEvaluator:
     def servable(self, info: dict | None = None):
         """The run's servable index at the indexed step: these shards with the item catalog
         (id, label, source, model version, batch) and what they reflect."""
-        from fastfill_udfs.search import ServableIndex, _labels
+        from fastfill_udfs.search import ServableIndex, nullable_labels
 
         if self.index is None:
             raise ValueError(f"run '{self.run}': no step evaluated yet, nothing to serve")
         keys = self.index.keys()
         items = pd.DataFrame({
             "id": self.gallery["id"].to_numpy(dtype=object)[keys],
-            "label": _labels(self.gallery["label"].to_numpy(dtype=object)[keys]),
+            "label": nullable_labels(self.gallery["label"].to_numpy(dtype=object)[keys]),
             "source": self.source[keys], "model_version": self.model_version[keys],
             "batch_id": pd.array(np.where(self.batch_of[keys] >= 0, self.batch_of[keys], None),
                                  dtype="Int64")}, index=pd.Index(keys, name="key"))
@@ -373,27 +382,14 @@ def run_log(spark: SparkSession, cfg: Config, run: str) -> pd.DataFrame:
     return pdf
 
 
-def ranking_id(spark: SparkSession, cfg: Config, run: str) -> str:
-    """Identifies one ranking of `run`: when its batch 0 was started (microseconds since the
-    epoch, whatever the session's time zone). A
-    re-ranked run (rank --force, or tables rebuilt from scratch) gets a new one, and with it a
-    new MLflow run. Raises ValueError when `run` has not been ranked."""
-    path = table_paths(cfg, run).backfill_log
-    row = (read_table(spark, path).where("batch_id = 0")
-           .select(F.unix_micros("started_at").alias("started_at")).first()
-           if is_delta_table(spark, path) else None)
-    if row is None:
-        raise ValueError(f"run {run!r} is not ranked (no batch 0 in {path}): run "
-                         f"pipelines/rank_gallery.py first")
-    return str(row["started_at"])
-
-
 def run_curve_auc(fractions, values) -> float:
     """Trapezoid area over t in [0, 1] of a run's curve, held flat before its first point and
     after its last: a run whose batch 0 already holds new embeddings (h's training pairs)
     starts above t=0, and one with images quarantined at backfill ends below t=1 (those items
     stay transformed). With points at 0 and 1 it is `simulate.curve_auc` itself."""
-    t = np.asarray(fractions, dtype=np.float64)
+    # a sync that adds transformed items or deletes new ones moves t back: that stretch adds
+    # no area until the backfill is past its earlier t again (docs/moving_gallery.md)
+    t = np.maximum.accumulate(np.asarray(fractions, dtype=np.float64))
     v = np.asarray(values, dtype=np.float64)
     if len(t) and t[0] > 0:
         t, v = np.r_[0.0, t], np.r_[v[0], v]
@@ -577,10 +573,13 @@ class BackfillTracker:
 
         client = MlflowClient()
         logged = client.get_run(self.run_id).data.metrics
-        if "agreement_auc" in logged:  # already final: a rerun changes nothing
+        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
+        # already final: a rerun changes nothing (unless a sync queued batches after the last)
+        if "agreement_auc" in logged and max(
+                m.step for m in client.get_metric_history(self.run_id, "agreement_auc")) \
+                >= n_planned:
             return {k: v for k, v in logged.items() if k.endswith("_auc")}
         curve = curve_from_history(client, self.run_id)
-        n_planned = len(planned_batches(self.spark, self.cfg, self.run))
         if len(curve) < n_planned + 1 or curve["backfill_fraction"].isna().any():
             log.info("evaluate %s: %d of %d steps logged; AUCs once the run completes",
                      self.run, len(curve), n_planned + 1)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from fastfill_udfs.config import Config
@@ -80,8 +80,7 @@ def probe(spark: SparkSession, cfg: Config, new_model: ModelRef, n: int, round_:
     new model and append them to `train_pairs` as role `probe`. Returns them (fewer when items
     could not be embedded; those stay in the backfill plan)."""
     from fastfill_udfs.spark.delta_io import latest_version, write_table
-    from fastfill_udfs.spark.train_transformation import (embed_pairs, sample_rows,
-                                                          usable_gallery)
+    from fastfill_udfs.spark.pairs import embed_pairs, sample_rows, usable_gallery
 
     paths = table_paths(cfg)
     gallery, image_col = usable_gallery(spark, cfg)
@@ -97,10 +96,10 @@ def probe(spark: SparkSession, cfg: Config, new_model: ModelRef, n: int, round_:
     version = latest_version(spark, paths.train_pairs)
     log.info("forecast: %d probe items embedded (round %d; train_pairs version %d)", len(got),
              round_, version)
-    return _held_out(got, labelled, n_probe=len(got))
+    return held_out(got, labelled, n_probe=len(got))
 
 
-def _held_out(pdf, labelled: bool, n_probe: int = 0) -> HeldOut:
+def held_out(pdf, labelled: bool, n_probe: int = 0) -> HeldOut:
     def matrix(column):
         return (np.stack(pdf[column].to_numpy()).astype(np.float32) if len(pdf)
                 else np.zeros((0, 0), np.float32))

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from fastfill_udfs.spark.delta_io import hadoop_fs
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -49,13 +51,10 @@ def normalize_uri(uri: str, default_fs: str = "file://") -> str:
 
 def _exists(spark: SparkSession, uris: list[str]) -> list[bool]:
     """Which of `uris` exist, checked through the Hadoop file systems (in parallel threads)."""
-    jvm = spark.sparkContext._jvm
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-
     def check(uri: str) -> bool:
         try:
-            path = jvm.org.apache.hadoop.fs.Path(uri)
-            return bool(path.getFileSystem(conf).isFile(path))
+            fs, path = hadoop_fs(spark, uri)
+            return bool(fs.isFile(path))
         except Exception:  # a malformed URI or an unknown scheme: it does not resolve
             return False
     with ThreadPoolExecutor(max_workers=16) as pool:

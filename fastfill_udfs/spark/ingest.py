@@ -23,18 +23,17 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from fastfill_udfs.config import Config
+from fastfill_udfs.config import DATASETS, QUERY_SOURCES, Config
 from fastfill_udfs.model_loading import ModelRef
 from fastfill_udfs.preprocess import Preprocess
 from fastfill_udfs.spark.delta_io import read_table, table_paths, write_quarantine, write_table
 from fastfill_udfs.spark.images import attach_images
-from fastfill_udfs.spark.sources import conform, read_image_folder, read_source_table
+from fastfill_udfs.spark.sources import (conform, derived_subgroups, read_image_folder,
+                                         read_source_table, source_marker)
 from fastfill_udfs.spark.udfs import broadcast_payload, embed_images_fn, spread_over_slots
 from fastfill_udfs.spark.validation import check_gallery, reconcile
 
 log = logging.getLogger(__name__)
-DATASETS = ("gallery_table", "image_folder", "image_table", "fashion_mnist")
-QUERY_SOURCES = ("gallery", "table", "image_folder")
 URI_CHUNK = 50_000  # image URIs named per binaryFile read when a whole source is embedded
 
 
@@ -89,17 +88,6 @@ def _train_split_filter(cfg: Config):
     return run
 
 
-def _derived_subgroups(df: DataFrame, cfg: Config) -> DataFrame:
-    """Fill a null `subgroup` from `data.subgroups` (minority classes vs the rest)."""
-    sub = cfg.get_path("data.subgroups")
-    if not sub["minority_classes"]:
-        return df
-    derived = F.when(F.col("label").isin([int(c) for c in sub["minority_classes"]]),
-                     F.lit(sub["minority_name"])).otherwise(F.lit(sub["majority_name"]))
-    return df.withColumn("subgroup", F.coalesce(F.col("subgroup"),
-                                                F.when(F.col("label").isNotNull(), derived)))
-
-
 def image_source(spark: SparkSession, cfg: Config, dataset: str
                  ) -> tuple[DataFrame, DataFrame]:
     """(items[id, label, subgroup, image | image_uri, ...], bad[id, reason]) of an image source,
@@ -126,7 +114,7 @@ def image_source(spark: SparkSession, cfg: Config, dataset: str
                           f"image table {cfg.get_path('data.image_table')}", old_embedding=False)
     if cfg.get_path("data.train_fraction") > 0:
         df = df.mapInArrow(_train_split_filter(cfg), df.schema)
-    return _derived_subgroups(df, cfg), bad
+    return derived_subgroups(df, cfg), bad
 
 
 def gallery_source(spark: SparkSession, cfg: Config, old_model: ModelRef | None
@@ -142,7 +130,7 @@ def gallery_source(spark: SparkSession, cfg: Config, old_model: ModelRef | None
         table = read_source_table(spark, path, cfg.get_path("data.table_format"))
         rows, bad = conform(table, cfg.get_path("data.columns"), f"gallery table {path}",
                             old_embedding=True)
-        return _derived_subgroups(rows, cfg), bad, table, []
+        return derived_subgroups(rows, cfg), bad, table, []
     if old_model is None:
         raise ValueError(f"data.dataset {dataset!r} holds images: models.old must name the model "
                          "that computes their old embeddings")
@@ -175,7 +163,7 @@ def query_source(spark: SparkSession, cfg: Config, gallery_path: str
     path = cfg.resolve_path("data.queries.path")
     if source == "image_folder":
         items, bad = read_image_folder(spark, path)
-        rows = _derived_subgroups(items.select(
+        rows = derived_subgroups(items.select(
             "id", "label", F.lit(None).cast("string").alias("subgroup"), "image_uri"), cfg)
         return rows, bad, items.select("id").unionByName(bad.select("id"))
     table = read_source_table(spark, path, cfg.get_path("data.table_format"),
@@ -183,7 +171,7 @@ def query_source(spark: SparkSession, cfg: Config, gallery_path: str
     rows, bad = conform(table, cfg.get_path("data.columns"), f"query table {path}",
                         old_embedding=False)
     image = "image_uri" if "image_uri" in rows.columns else "image"
-    return _derived_subgroups(rows.select("id", "label", "subgroup", image), cfg), bad, table
+    return derived_subgroups(rows.select("id", "label", "subgroup", image), cfg), bad, table
 
 
 def ingest(spark: SparkSession, cfg: Config, *, new_model: ModelRef,
@@ -193,13 +181,16 @@ def ingest(spark: SparkSession, cfg: Config, *, new_model: ModelRef,
 
     Raises ValueError for an empty gallery or duplicate ids (naming a few), a missing or
     ill-typed source column (naming column and table), ReconciliationError on lost rows."""
+
     paths = table_paths(cfg)
+    marker = source_marker(spark, cfg)     # before the copy: what a sync starts from
     rows, bad, source, cached = gallery_source(spark, cfg, old_model)
     where = f"gallery source ({cfg.get_path('data.dataset')})"
     rows = rows.persist()
     try:
         n_gallery = check_gallery(rows.select("id"), where)
-        write_table(rows, paths.gallery, metadata={"source": cfg.get_path("data.dataset")})
+        write_table(rows, paths.gallery,
+                    metadata={"source": cfg.get_path("data.dataset"), **marker})
         n_bad = write_quarantine(spark, paths.quarantine, bad, stage="ingest")
         n_source = source.count()
     finally:  # a failing job releases what it cached

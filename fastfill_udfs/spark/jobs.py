@@ -110,7 +110,7 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
                           max_batches=max_batches or None)
         for line in plan["lines"]:
             log.info("estimate %s: %s", run, line)
-        if tracker is not None:
+        if tracker is not None and plan["pending"]:   # a rerun of a finished run logs nothing
             from fastfill_udfs.tracking import log_step_metrics
 
             log_step_metrics(tracker.run_id, plan["metrics"], step=0)

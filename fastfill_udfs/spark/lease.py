@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from fastfill_udfs.config import Config
 from fastfill_udfs.spark.delta_io import is_delta_table, read_table, write_table
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,33 @@ def is_write_conflict(exc: BaseException) -> bool:
     """True for Delta's optimistic-concurrency conflicts (another writer committed first)."""
     text = type(exc).__name__ + " " + str(exc)[:500]
     return any(name in text for name in _CONFLICTS) or "[DELTA_CONCURRENT" in text
+
+
+class ConcurrentWriteError(RunBusyError):
+    """A Delta write kept losing to another job's commits on the same table (retried first)."""
+
+
+def retry_conflicts(write, what: str, attempts: int = 5):
+    """`write()` (one Delta commit that is safe to repeat: its conditions are read inside the
+    transaction), retried when another writer committed first. Raises ConcurrentWriteError
+    naming `what` after `attempts` lost races; other errors pass through."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except Exception as exc:
+            if not is_write_conflict(exc):
+                raise
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            if attempt == attempts:
+                raise ConcurrentWriteError(
+                    f"{what}: another job kept committing to the same table first ({attempts} "
+                    f"tries; last: {type(exc).__name__}: {first}). Nothing was half-written: "
+                    "rerun it") from None
+            log.warning("%s: another job committed first (%s); retrying (%d/%d)", what,
+                        type(exc).__name__, attempt, attempts)
+            time.sleep(0.3 * attempt)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -173,3 +201,11 @@ class RunLease:
             self.release()
         except Exception as err:  # never hide the job's own error behind the release's
             log.warning("run %s: could not release the lease: %s", self.run, err)
+
+
+def conflict_attempts(cfg: Config) -> int:
+    """sync.conflict_retries, checked (ValueError naming it below 1)."""
+    n = cfg.get_path("sync.conflict_retries")
+    if n < 1:
+        raise ValueError(f"sync.conflict_retries must be >= 1, got {n}")
+    return int(n)

@@ -26,6 +26,7 @@ from fastfill_udfs.policies import POLICIES, batching_from_config
 from fastfill_udfs.spark.delta_io import (commit_metadata, is_delta_table, latest_version,
                                           quarantine_count, read_table, table_paths,
                                           write_quarantine, write_table)
+from fastfill_udfs.spark.sync_history import moved_by_syncs_only
 from fastfill_udfs.spark.udfs import transform_fn
 from fastfill_udfs.spark.validation import check_embedding_dim, check_gallery, reconcile
 
@@ -81,8 +82,6 @@ def assign_ranks(scored: DataFrame, storage: StorageLevel = StorageLevel.DISK_ON
 
 
 RANKED_ON = "ranked_on_gallery_version"  # key of the batch-0 commit's metadata
-FEATURES_COLUMNS = ("id", "embedding", "source", "batch_id", "updated_at", "model_version",
-                    "planned_batch_id")
 
 
 class StaleRankingError(ValueError):
@@ -108,7 +107,9 @@ def check_ranking_current(spark: SparkSession, cfg: Config, run: str,
     paths = table_paths(cfg, run)
     problems = []
     now = latest_version(spark, paths.gallery)
-    if ranked[RANKED_ON] != now:
+    # a gallery moved by sync_gallery.py only is still this plan's: the sync brings the run along
+    if ranked[RANKED_ON] != now and not moved_by_syncs_only(spark, paths.gallery,
+                                                            ranked[RANKED_ON]):
         problems.append(f"the gallery table is at version {now}, the plan was ranked on version "
                         f"{ranked[RANKED_ON]}")
     was = ranked.get("h") or {}

@@ -32,6 +32,19 @@ class JobTerminated(BaseException):
         self.signum = signum
 
 
+def refusal_errors() -> tuple[type, ...]:
+    """Errors that refuse a job on purpose, before it changes anything: their message says
+    what is wrong and what to do, so the job prints it and exits without a traceback."""
+    from fastfill_udfs.model_loading import ModelNotFoundError
+    from fastfill_udfs.spark.backfill import ModelMismatchError
+    from fastfill_udfs.spark.delta_io import TableNotFoundError
+    from fastfill_udfs.spark.forecast import NoForecastError
+    from fastfill_udfs.spark.rank import StaleRankingError
+
+    return (ModelNotFoundError, ModelMismatchError, TableNotFoundError, StaleRankingError,
+            NoForecastError)
+
+
 @contextmanager
 def terminate_raises() -> Iterator[None]:
     """While inside, SIGTERM raises JobTerminated in the main thread (Python's default is to
@@ -82,7 +95,7 @@ class BackfillRunStatus:
         does not evaluate creates none)."""
         from mlflow.tracking import MlflowClient
 
-        from fastfill_udfs.spark.evaluate import ranking_id
+        from fastfill_udfs.spark.delta_io import ranking_id
         from fastfill_udfs.tracking import configure_mlflow, find_backfill_run
 
         exp_id = configure_mlflow(self.cfg)
@@ -176,7 +189,6 @@ def backfill_run_status(spark: SparkSession, cfg: Config, run: str,
                         job: str) -> Iterator[BackfillRunStatus]:
     """Wrap one job's work on `run` (while holding its lease as `job`); see the module
     docstring for the statuses it sets. SIGTERM raises JobTerminated inside."""
-    from fastfill_udfs.cli import refusal_errors
     from fastfill_udfs.tracking import FAILED, KILLED
 
     status = BackfillRunStatus(spark, cfg, run, job)

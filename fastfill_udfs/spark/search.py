@@ -14,16 +14,17 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from fastfill_udfs.config import Config
+from fastfill_udfs.config import EXPORT_TARGETS, Config
 from fastfill_udfs.faiss_index import IndexSpec, space_for
 from fastfill_udfs.search import (ServableIndex, check_query_model, embed_image_file,
                                   format_hits, parse_embedding)
-from fastfill_udfs.spark.delta_io import (TableNotFoundError, is_delta_table, read_table,
+from fastfill_udfs.spark.arrow_utils import arrow_rows
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, hadoop_fs, hadoop_path,
+                                          is_delta_table, is_local_uri, local_path, ranking_id, read_features, read_table,
                                           run_id_for, table_paths)
-from fastfill_udfs.spark.evaluate import _arrow_rows, ranking_id, read_features
+from fastfill_udfs.spark.sync import synced_history
 
 log = logging.getLogger(__name__)
-EXPORT_TARGETS = ("warehouse", "mlflow")
 ARTIFACT_DIR = "servable_index"
 
 
@@ -43,7 +44,8 @@ def resolve_batch(spark: SparkSession, cfg: Config, run: str, batch: int | None 
         raise TableNotFoundError(f"run '{run}' is not ranked yet (no batch 0 in {path})")
     committed = logged["batch_id"].astype(int).tolist()
     note = None
-    if batch is None or batch < 0:
+    latest = batch is None or batch < 0
+    if latest:
         batch = committed[-1]
         if batch == 0:
             note = (f"run '{run}' has no committed backfill batch yet: searching batch 0, the "
@@ -52,6 +54,14 @@ def resolve_batch(spark: SparkSession, cfg: Config, run: str, batch: int | None 
         raise ValueError(f"batch {batch} of run '{run}' is not committed; committed batches: "
                          f"{_ranges(committed)}")
     version = int(logged.loc[logged["batch_id"] == batch, "table_version"].iloc[0])
+    if latest:   # the latest: with what syncs changed since that batch (docs/moving_gallery.md)
+        from fastfill_udfs.spark.sync_history import latest_synced_version
+
+        synced = latest_synced_version(spark, table_paths(cfg, run).gallery_features, version)
+        if synced != version:
+            note = ((note + "; ") if note else "") + (
+                f"gallery_features version {synced}: batch {batch} and the syncs since")
+            version = synced
     return int(batch), version, note
 
 
@@ -79,7 +89,9 @@ def build_servable(spark: SparkSession, cfg: Config, run: str, batch: int | None
     paths = table_paths(cfg, run)
     info = plan_info(spark, cfg, run)
     rows, vectors = read_features(spark, paths.gallery_features, version)
-    gallery = read_table(spark, paths.gallery, version=info.get("ranked_on_gallery_version"))
+    history, ranked = synced_history(spark, cfg, run)   # labels as the run's gallery had them
+    gallery = read_table(spark, paths.gallery, version=history.gallery_version(version)
+                         if history is not None else info.get("ranked_on_gallery_version"))
     labels = (gallery.select("id", "label").toPandas().set_index("id")["label"]
               .reindex(rows["id"].to_numpy(dtype=object)))
     served = ServableIndex.create(
@@ -99,15 +111,15 @@ def query_for_id(spark: SparkSession, cfg: Config, run: str, served: ServableInd
     already `new`. Raises ValueError naming the item when it has no new-model embedding."""
     paths = table_paths(cfg, run)
     if is_delta_table(spark, paths.query_features):
-        rows, emb = _arrow_rows(read_table(spark, paths.query_features)
-                                .where(F.col("id") == item_id).select("id", "embedding"),
-                                f"query_features {paths.query_features}")
+        rows, emb = arrow_rows(read_table(spark, paths.query_features)
+                               .where(F.col("id") == item_id).select("id", "embedding"),
+                               f"query_features {paths.query_features}")
         if len(rows):
             return emb[0], f"item {item_id!r}: its new-model embedding from query_features"
     version = served.info["features_version"]
-    rows, emb = _arrow_rows(read_table(spark, paths.gallery_features, version=version)
-                            .where(F.col("id") == item_id).select("id", "source", "embedding"),
-                            f"gallery_features {paths.gallery_features}")
+    rows, emb = arrow_rows(read_table(spark, paths.gallery_features, version=version)
+                           .where(F.col("id") == item_id).select("id", "source", "embedding"),
+                           f"gallery_features {paths.gallery_features}")
     if not len(rows):
         raise ValueError(f"item {item_id!r} is in neither query_features "
                          f"({paths.query_features}) nor gallery_features of run '{run}'")
@@ -119,13 +131,6 @@ def query_for_id(spark: SparkSession, cfg: Config, run: str, served: ServableInd
 
 
 # ----------------------------------------------------------------------------- export / load
-def _is_local(uri: str) -> bool:
-    return "://" not in uri and not uri.startswith("dbfs:") or uri.startswith("file:")
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else
-                uri[len("file:"):] if uri.startswith("file:") else uri)
 
 
 def warehouse_location(cfg: Config, run: str, batch_id: int, version: int) -> str:
@@ -159,20 +164,17 @@ def export_servable(spark: SparkSession, cfg: Config, run: str, served: Servable
             MlflowClient().log_artifacts(mlflow_run_id, str(local), f"{ARTIFACT_DIR}/{name}")
             return f"runs:/{mlflow_run_id}/{ARTIFACT_DIR}/{name}"
         dest = warehouse_location(cfg, run, batch_id, version)
-        if _is_local(dest):
-            path = _local_path(dest)
+        if is_local_uri(dest):
+            path = local_path(dest)
             staging = path.with_name(f".{path.name}.{os.getpid()}")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(local, staging)
             shutil.rmtree(path, ignore_errors=True)  # same batch and version: same content
             staging.rename(path)
         else:
-            jvm = spark.sparkContext._jvm
-            target_path = jvm.org.apache.hadoop.fs.Path(dest)
-            fs = target_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+            fs, target_path = hadoop_fs(spark, dest)
             fs.delete(target_path, True)
-            fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(str(local)),
-                                 target_path)
+            fs.copyFromLocalFile(False, True, hadoop_path(spark, local), target_path)
         return dest
 
 
@@ -190,16 +192,14 @@ def load_servable(spark: SparkSession | None, cfg: Config, source: str, *, run: 
 
             configure_mlflow(cfg)
             folder = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)
-        elif _is_local(source):
-            folder = str(_local_path(source))
+        elif is_local_uri(source):
+            folder = str(local_path(source))
         else:
             if spark is None:
                 raise ValueError(f"{source} is not a local folder: copy it locally first, or "
                                  "load it with a SparkSession")
-            jvm = spark.sparkContext._jvm
-            src = jvm.org.apache.hadoop.fs.Path(source)
-            fs = src.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-            fs.copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path(tmp + "/index"), True)
+            fs, src = hadoop_fs(spark, source)
+            fs.copyToLocalFile(False, src, hadoop_path(spark, tmp + "/index"), True)
             folder = tmp + "/index"
         return ServableIndex.load(folder, run=run, batch_id=batch_id,
                                   features_version=features_version)
@@ -209,6 +209,7 @@ def load_servable(spark: SparkSession | None, cfg: Config, source: str, *, run: 
 def search_job(cfg: Config, *, policy: str | None = None, image: str | None = None,
                item_id: str | None = None, embedding=None, batch: int | None = None,
                k: int | None = None, index: str | None = None, export: str | None = None,
+               serving: bool = False, alias: str | None = None,
                master: str | None = None, out=print) -> dict:
     """Search `run` (`<run_name>_<policy>`) at committed `batch` (None: the latest) with one
     query: an image file (embedded by the run's new model), an item id, or an embedding
@@ -218,13 +219,17 @@ def search_job(cfg: Config, *, policy: str | None = None, image: str | None = No
 
     `index`: a saved servable index (folder or MLflow URI) instead of building one from Delta;
     with `batch` given it needs no Spark unless the query is an item id. `export`: also write
-    the built index ("warehouse" / "mlflow"). Raises ValueError for not exactly one query, a
+    the built index ("warehouse" / "mlflow"). `serving`: search what the serving alias
+    (`alias`, default serving.alias) points at (pipelines/publish.py), whatever its run. Raises ValueError for not exactly one query, a
     query of the wrong dimension or with NaN (naming it), an item without a new-model
     embedding, a batch not committed; QueryModelMismatchError for another new model;
     IndexMismatchError for a saved index of another run, batch or Delta version."""
     queries = [x for x in (image, item_id, embedding) if x is not None and x != ""]
     if len(queries) != 1:
         raise ValueError("give exactly one query: an image file, an item id or an embedding")
+    if serving and (policy or batch is not None or index or export):
+        raise ValueError("--serving searches what the alias points at: leave out --policy, "
+                         "--batch, --index and --export")
     run = run_id_for(cfg, policy)
     k = int(k or cfg.get_path("search.topk"))
     notes: list[str] = []
@@ -239,7 +244,20 @@ def search_job(cfg: Config, *, policy: str | None = None, image: str | None = No
         return spark
 
     location = None
-    if index:
+    if serving:
+        from fastfill_udfs.spark.serving_pointer import current, describe
+
+        state = current(session(), cfg, alias)
+        if state is None:
+            raise TableNotFoundError(f"nothing is published under alias "
+                                     f"{alias or cfg.get_path('serving.alias')!r}: run "
+                                     "pipelines/publish.py first")
+        run = state["run"]
+        served = load_servable(spark, cfg, state["location"], run=run,
+                               batch_id=state["batch_id"],
+                               features_version=state["features_version"])
+        notes.append(f"serving alias {state['alias']}: {describe(state)}")
+    elif index:
         version = None
         if batch is None:                          # "the latest": the log says which that is
             batch, version, note = resolve_batch(session(), cfg, run, None)

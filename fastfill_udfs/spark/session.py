@@ -13,6 +13,7 @@ from typing import Mapping
 
 from pyspark.sql import SparkSession
 
+from fastfill_udfs.config import LOG_LEVELS
 from fastfill_udfs.spark import jars
 
 
@@ -79,9 +80,6 @@ def _static_conf(spark_cfg: Mapping) -> dict[str, str]:
     conf = {str(k): str(v) for k, v in (spark_cfg.get("conf") or {}).items()}
     conf.setdefault("spark.ui.showConsoleProgress", "false")
     return conf
-
-
-LOG_LEVELS = ("ALL", "DEBUG", "ERROR", "FATAL", "INFO", "OFF", "TRACE", "WARN")
 
 
 def _apply_runtime_conf(spark: SparkSession, spark_cfg: Mapping) -> None:

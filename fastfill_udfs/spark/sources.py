@@ -13,10 +13,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from fastfill_udfs.spark.delta_io import TableNotFoundError, is_delta_table
+from fastfill_udfs.config import TABLE_FORMATS, Config
+from fastfill_udfs.spark.delta_io import (TableNotFoundError, hadoop_fs, is_delta_table,
+                                          latest_version)
 
 CONTRACT_COLUMNS = ("id", "label", "subgroup", "image", "image_uri", "old_embedding")
-TABLE_FORMATS = ("auto", "delta", "parquet")
 
 
 def read_source_table(spark: SparkSession, path: str, fmt: str = "auto",
@@ -115,9 +116,7 @@ def conform(df: DataFrame, columns: Mapping[str, str], where: str, *,
 
 def hadoop_qualified(spark: SparkSession, path: str) -> str:
     """`path` fully qualified by its Hadoop file system (`/x` -> `file:/x` on a local FS)."""
-    jvm = spark.sparkContext._jvm
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    fs = p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    fs, p = hadoop_fs(spark, path)
     return str(fs.makeQualified(p).toString())
 
 
@@ -151,3 +150,38 @@ def read_image_folder(spark: SparkSession, root: str) -> tuple[DataFrame, DataFr
              .select(F.col("_rel").alias("id"), "label", "class_name",
                      F.col("path").alias("image_uri"), "content"))
     return items, bad
+
+
+def derived_subgroups(df: DataFrame, cfg: Config) -> DataFrame:
+    """Fill a null `subgroup` from `data.subgroups` (minority classes vs the rest)."""
+    sub = cfg.get_path("data.subgroups")
+    if not sub["minority_classes"]:
+        return df
+    derived = F.when(F.col("label").isin([int(c) for c in sub["minority_classes"]]),
+                     F.lit(sub["minority_name"])).otherwise(F.lit(sub["majority_name"]))
+    return df.withColumn("subgroup", F.coalesce(F.col("subgroup"),
+                                                F.when(F.col("label").isNotNull(), derived)))
+
+
+def source_table(spark: SparkSession, cfg: Config) -> tuple[str, bool]:
+    """(data.gallery_table resolved, whether it is a Delta table). Raises ValueError unless
+    data.dataset is gallery_table, TableNotFoundError naming a missing table."""
+    if cfg.get_path("data.dataset") != "gallery_table":
+        raise ValueError("sync_gallery follows a source table: set data.dataset=gallery_table "
+                         f"(it is {cfg.get_path('data.dataset')!r}; image sources are "
+                         "re-ingested instead)")
+    path = cfg.resolve_path("data.gallery_table")
+    read_source_table(spark, path, cfg.get_path("data.table_format"))  # names a missing table
+    fmt = cfg.get_path("data.table_format")
+    return path, fmt == "delta" or (fmt == "auto" and is_delta_table(spark, path))
+
+
+def source_marker(spark: SparkSession, cfg: Config) -> dict:
+    """What `ingest` records in the gallery's commit so the first sync can read the source's
+    Change Data Feed from there: the source table and (Delta) its version, read before the
+    copy (a later version would hide changes; an earlier one only repeats some)."""
+    if cfg.get_path("data.dataset") != "gallery_table":
+        return {}
+    path, is_delta = source_table(spark, cfg)
+    return {"source_table": path,
+            "source_version": latest_version(spark, path) if is_delta else None}

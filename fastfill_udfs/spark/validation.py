@@ -24,13 +24,6 @@ def check_gallery(df: DataFrame, what: str, column: str = "id") -> int:
     return int(row["n"])
 
 
-def check_not_empty(df: DataFrame, what: str) -> int:
-    n = df.count()
-    if n == 0:
-        raise ValueError(f"{what} is empty: nothing to rank or backfill")
-    return n
-
-
 def check_unique_ids(df: DataFrame, what: str, column: str = "id") -> None:
     """Raise ValueError listing up to 5 duplicated ids (and how many there are)."""
     dupes = df.groupBy(column).count().where("count > 1")

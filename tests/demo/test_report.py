@@ -73,7 +73,7 @@ def test_collect_keeps_each_study_and_reruns_only_changed_configs(tmp_path, monk
     runs = []
 
     def fake_study(cfg):               # the study itself is tested in tests/demo/test_study.py
-        runs.append((cfg["seed"], cfg.get_path("study.curve_points")))
+        runs.append((cfg["seed"], cfg.get_path("backfill.batch_size")))
         summary, curves, refs = (df[(df.scenario == "new_classes") & (df.seed == 0)]
                                  .drop(columns=["scenario", "seed"]) for df in _tables())
         summary = summary.assign(mAP_auc=summary["mAP_auc"] + cfg["seed"])
@@ -87,8 +87,8 @@ def test_collect_keeps_each_study_and_reruns_only_changed_configs(tmp_path, monk
     assert len(runs) == 2                                   # both reused
     pd.testing.assert_frame_equal(again["summary"], first["summary"])
     assert list(again["seconds"]["seconds"]) == list(first["seconds"]["seconds"])
-    collect(["new_classes"], [1], ["study.curve_points=11"], cache_dir=cache)
-    assert runs[-1] == (1, 11)                            # another setting: run again
+    collect(["new_classes"], [1], ["backfill.batch_size=1000"], cache_dir=cache)
+    assert runs[-1] == (1, 1000)                          # another setting: run again
     collect(["new_classes"], [0], cache_dir=cache, reuse=False)
     assert len(runs) == 4
     # a study whose tables were cut off while being written is run again, not half-read

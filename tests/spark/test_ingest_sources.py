@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fastfill_udfs.config import load_config
-from fastfill_udfs.spark.ingest import _derived_subgroups
+from fastfill_udfs.spark.sources import derived_subgroups
 from fastfill_udfs.spark.sources import conform
 
 COLUMNS = {"id": "item", "old_embedding": "vec", "image": "uri", "label": "cls",
@@ -64,10 +64,10 @@ def test_subgroups_come_from_the_row_else_from_the_configured_classes(user_table
     rows, _ = conform(user_table, COLUMNS, "T", old_embedding=True)
     cfg = load_config([], ["data.subgroups.minority_classes=[5]",
                            "data.subgroups.minority_name=shoes"])
-    got = {r["id"]: r["subgroup"] for r in _derived_subgroups(rows, cfg).collect()}
+    got = {r["id"]: r["subgroup"] for r in derived_subgroups(rows, cfg).collect()}
     # a: its own 'eu' wins; b: no own subgroup, label 0 -> majority; e: no label -> none
     assert got == {"a": "eu", "b": "majority", "e": "us"}
-    none = {r["id"]: r["subgroup"] for r in _derived_subgroups(rows, load_config([])).collect()}
+    none = {r["id"]: r["subgroup"] for r in derived_subgroups(rows, load_config([])).collect()}
     assert none == {"a": "eu", "b": None, "e": "us"}           # base: no classes configured
 
 

@@ -128,7 +128,7 @@ def chain(spark, kill_env, tmp_path_factory):
         procs.append(_start(kill_env, "kill", logs / log, **extra_env))
         return procs[-1]
 
-    hold = logs / "go-on"
+    hold = logs / "hold"             # while it exists, every forward pass waits
     try:
         # (a) during batch 1's new-model inference
         marker = logs / "a-inference-started"
@@ -138,6 +138,7 @@ def chain(spark, kill_env, tmp_path_factory):
 
         # (twin) two jobs at once: the one that holds the run waits in its first inference
         marker = logs / "twin-inference-started"
+        hold.touch()
         twins = [start(log, SLOW_MODEL_MARKER=str(marker), SLOW_MODEL_HOLD=str(hold))
                  for log in ("one.log", "two.log")]
         deadline = time.monotonic() + 600
@@ -158,7 +159,7 @@ def chain(spark, kill_env, tmp_path_factory):
         out["twin"] = twin
 
         # (b) the holder goes on; killed right after batch 1's MERGE commit
-        hold.touch()
+        hold.unlink()
         _kill_when(holder, lambda: 1 in _tagged_merges(features), "batch 1's MERGE commit")
         out["b"] = state()
 
@@ -178,7 +179,7 @@ def chain(spark, kill_env, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
         raise
     finally:
-        hold.touch()
+        hold.unlink(missing_ok=True)
     return out
 
 

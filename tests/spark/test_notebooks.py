@@ -85,6 +85,7 @@ def test_job_notebooks_run_in_sequence_with_the_jobs_parameters(spark, pipeline_
         "model_new": "models:/fastfill_new@current", "model_h": "models:/nb_h@current",
         "train_rows": "100", "policy": "random", "force": "false", "batch_size": "100",
         "max_batches": "0", "evaluate": "true", "device": "cpu", "filter": "",
+        "stop": "none", "estimate_only": "false",
     }
     assert set(local) == set(_bundle_parameters())
     dbutils = FakeDbutils(local)
@@ -109,7 +110,7 @@ def test_job_notebooks_run_in_sequence_with_the_jobs_parameters(spark, pipeline_
     paths = table_paths(cfg, "nb_random")
     batches = after["02_rank_gallery.py"]["batches"]
     assert batches["items"].sum() == read_table(spark, paths.backfill_plan).count() \
-        == 300 - trained["n_pairs"]
+        == 300 - trained["n_pairs"] - trained["n_probe"]   # probes entered as new
     # 03: every batch committed and evaluated, the MLflow run FINISHED, the curve shown
     log = read_table(spark, paths.backfill_log).toPandas()
     assert sorted(log["batch_id"]) == list(range(len(batches) + 1))
@@ -167,8 +168,9 @@ def test_your_own_gallery_notebook_runs_locally_end_to_end(spark, tmp_path, monk
     assert out["trained"]["h_version"].startswith("models:/product_embedder_h/")
     n_items = len(setup["ids"])
     assert read_table(spark, table_paths(cfg).gallery).count() == n_items
-    log = read_table(spark, table_paths(cfg, "mine_uncertainty").backfill_log).toPandas()
-    n_batches = read_table(spark, table_paths(cfg, "mine_uncertainty").backfill_plan) \
+    assert out["trained"]["forecast"]["decided"] in (True, False)   # the forecast ran
+    log = read_table(spark, table_paths(cfg, "mine_auto").backfill_log).toPandas()
+    n_batches = read_table(spark, table_paths(cfg, "mine_auto").backfill_plan) \
         .select("batch_id").distinct().count()
     assert sorted(log["batch_id"]) == list(range(n_batches + 1))
     assert out["curve"]["backfill_fraction"].iloc[-1] == pytest.approx(1.0)

@@ -213,7 +213,7 @@ def test_cli_exit_codes_and_output(spark, pipeline_env, mid_run, capsys, monkeyp
     assert cli.main(base + ["--embedding", "1,2"]) == 2
     assert "error: query embedding has dimension 2" in capsys.readouterr().err
     assert cli.main(base + ["--embedding", "1", "--set", "evaluation.index=annoy"]) == 2
-    assert "evaluation.index must be one of" in capsys.readouterr().err
+    assert "config error: config key 'evaluation.index' must be one of" in capsys.readouterr().err
     assert cli.main(base + ["--image", str(IMAGE), "--set",
                             "models.new=models:/fastfill_old@current"]) == 4
     assert "refused:" in capsys.readouterr().err
