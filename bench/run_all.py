@@ -799,8 +799,9 @@ def cluster_section(res: dict | None) -> list[str]:
            "127.0.0.1 with the venv's Spark (`scripts/cluster/start_cluster.sh`; stop with "
            "`stop_cluster.sh`), checks that two executors run in the two workers, import "
            "`fastfill_udfs` from the `--py-files` zip and run a Delta MERGE, then runs "
-           "`spark-submit --master spark://127.0.0.1:7077 pipelines/{ingest,rank_gallery,backfill,"
-           "evaluate}.py` on 200 Fashion-MNIST items in 2 batches. `tests/test_cluster.py` runs "
+           "`spark-submit --master spark://127.0.0.1:7077 pipelines/{ingest,rank_gallery,"
+           "backfill}.py` (the backfill evaluating each batch) on 200 Fashion-MNIST items in 2 "
+           "batches. `tests/spark/test_cluster.py` runs "
            "it in CI (own ports and folders; skipped, with the reason, only where the cluster "
            "cannot start).", ""]
     if not res:

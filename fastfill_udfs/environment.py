@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from importlib.metadata import version
 
 from fastfill_udfs.config import Config
@@ -11,7 +12,8 @@ log = logging.getLogger(__name__)
 
 def check_environment(cfg: Config, master: str | None = None) -> dict:
     """Write, MERGE and time-travel a tiny Delta table under `<warehouse>/_environment_check`,
-    touch the MLflow store, and report package versions and the torch device."""
+    touch the MLflow store, and report package versions, the torch device and the Python
+    interpreters of the driver and the workers."""
     import faiss
     import mlflow
     import numpy as np
@@ -36,6 +38,14 @@ def check_environment(cfg: Config, master: str | None = None) -> dict:
 
     configure_mlflow(cfg)
     mlflow.search_experiments(max_results=1)
+    def interpreter(batches):  # runs on the workers
+        import sys as worker_sys
+
+        for batch in batches:
+            yield batch.assign(python=worker_sys.executable)[["python"]]
+
+    workers = sorted({row["python"] for row in spark.range(2).mapInPandas(
+        interpreter, "python string").collect()})
     index = faiss.IndexFlatIP(4)
     index.add(np.eye(4, dtype="float32"))
     report = {
@@ -44,6 +54,7 @@ def check_environment(cfg: Config, master: str | None = None) -> dict:
         "mlflow_tracking_uri": mlflow.get_tracking_uri(), "torch": torch.__version__,
         "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
         "faiss": faiss.__version__, "delta_check_table": path,
+        "python_driver": sys.executable, "python_workers": ", ".join(workers),
     }
     for key, value in report.items():
         print(f"{key:>20}: {value}")

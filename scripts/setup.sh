@@ -56,6 +56,6 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
   log "installing the Debian package chromium (the MLflow UI test opens the UI in it)"
   { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
       apt-get install -y -qq chromium >/dev/null; } \
-    || log "note: could not install chromium; the MLflow UI test will skip (as root: apt-get install chromium)"
+    || log "note: could not install chromium; the MLflow UI test fails under scripts/test.sh (as root: apt-get install chromium)"
 fi
 log "done: activate with 'source $VENV/bin/activate' (environment size: $(du -sh "$VENV" | cut -f1))"

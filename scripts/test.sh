@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYSPARK_PYTHON="$PWD/.venv/bin/python"
 export FASTFILL_REQUIRE_DATA=1   # a test that needs Fashion-MNIST fails here instead of skipping
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=25 "$@"   # the 25 slowest at the end

@@ -1,6 +1,5 @@
 """The real stack: Delta write / read / MERGE / time travel through the project's session."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from fastfill_udfs.spark import jars
 from fastfill_udfs.spark.delta_io import (TableNotFoundError, dictionary_columns,
                                           latest_version, local_data_files, read_table,
                                           write_table)
+from tests.submit import submit_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,31 +100,19 @@ def test_missing_table_is_named(spark, tmp_path):
         read_table(spark, str(tmp_path / "nothing_here"))
 
 
-def test_plain_spark_submit_runs_a_job_writing_delta(tmp_path):
-    """`spark-submit pipelines/check_environment.py` with no extra flags: spark-defaults.conf
-    written by the setup supplies the Delta jars, extension and catalog."""
-    submit = Path(sys.executable).parent / "spark-submit"
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    env.pop("PYSPARK_GATEWAY_PORT", None)
-    proc = subprocess.run(
-        [str(submit), str(ROOT / "pipelines" / "check_environment.py"),
-         "--set", f"paths.warehouse={tmp_path / 'wh'}",
-         "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-         "--set", "spark.master=local[1]"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "environment OK" in proc.stdout
-    assert (tmp_path / "wh" / "_environment_check" / "_delta_log").is_dir()
-
-
-def test_pipeline_help_works_without_spark():
-    submit = Path(sys.executable).parent / "spark-submit"
-    proc = subprocess.run([str(submit), str(ROOT / "pipelines" / "check_environment.py"), "--help"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "--set" in proc.stdout
-
-
-def test_missing_jars_message_names_setup_command(tmp_path):
-    assert not jars.delta_jars_present(tmp_path)
-    assert jars.SETUP_COMMAND in jars.missing_jars_message()
+def test_without_the_delta_jars_a_session_is_refused_naming_the_setup_command(tmp_path):
+    """A Python launch whose jar cache (FASTFILL_JAR_CACHE) is empty gets no session without
+    Delta: the error names the cache it looked in and the command that fetches the jars,
+    `bash scripts/setup.sh`, a script that exists."""
+    empty = tmp_path / "empty-cache"
+    assert jars.delta_jars_present() and not jars.delta_jars_present(empty)
+    probe = ("from fastfill_udfs.spark.session import DeltaUnavailableError, get_spark\n"
+             "try:\n    get_spark({'master': 'local[1]'})\n"
+             "except DeltaUnavailableError as exc:\n    print('REFUSED:', exc)\n"
+             "else:\n    print('STARTED')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=submit_env(FASTFILL_JAR_CACHE=str(empty)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("REFUSED:"), proc.stdout[-2000:]
+    assert str(empty / "jars") in proc.stdout
+    assert "`bash scripts/setup.sh`" in proc.stdout and (ROOT / "scripts" / "setup.sh").is_file()

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Run the pipeline (ingest -> rank_gallery -> backfill -> evaluate) on a local standalone Spark
-# cluster (a master and two workers on 127.0.0.1), the way a user runs it on a real cluster:
-# spark-submit --master spark://..., the package shipped to the executors as a zip (--py-files),
-# Delta from spark-defaults.conf (spark.jars; the driver serves the jars to the executors).
+# Run the pipeline (ingest -> rank_gallery -> backfill, evaluating each batch as it commits) on
+# a local standalone Spark cluster (a master and two workers on 127.0.0.1), the way a user runs
+# it on a real cluster: spark-submit --master spark://..., the package shipped to the executors
+# as a zip (--py-files), Delta from spark-defaults.conf (spark.jars; the driver serves the jars
+# to the executors).
 #
 #   bash scripts/cluster/run_pipeline_on_cluster.sh [WORKDIR]
 #
 # WORKDIR (default: a new temp folder) receives the run's own warehouse, outputs, models and
 # MLflow database. The models come from a tiny study run locally first (pipelines/run_study.py,
-# no cluster needed). Data: a small Fashion-MNIST subset (FASTFILL_CLUSTER_TEST_LIMIT=200 gallery
-# items, FASTFILL_CLUSTER_TRAIN_LIMIT=1000 training items, FASTFILL_CLUSTER_BATCHES=2 batches).
+# no cluster needed), unless WORKDIR already holds an MLflow database (WORKDIR/mlflow.db) where
+# a study registered them (models:/fastfill_old, fastfill_new, fastfill_h @current): then those
+# are used as they are (a rerun in the same WORKDIR, or the test suite's own models). Data: a
+# small Fashion-MNIST subset (FASTFILL_CLUSTER_TEST_LIMIT=200 gallery items,
+# FASTFILL_CLUSTER_TRAIN_LIMIT=1000 training items, FASTFILL_CLUSTER_BATCHES=2 batches).
 # The cluster is started here and stopped on exit unless one is already running from the same
 # FASTFILL_CLUSTER_DIR (then it is left running). See scripts/cluster/common.sh for ports etc.
 # Exit status: 0 on success, 3 when the cluster cannot start because a port is taken, else 1.
@@ -62,13 +66,17 @@ else
   START_PID=$!
 fi
 
-step "2/6 training tiny models locally (pipelines/run_study.py; no cluster needed)"
 : > "$WORK/timings.txt"
-TS=$(date +%s)
-"$PY" pipelines/run_study.py --config conf/test.yaml "${SETS[@]}" "${STUDY_SETS[@]}" \
-  > "$WORK/run_study.log" 2>&1 || { tail -40 "$WORK/run_study.log"; exit 1; }
-grep -q "h models:/fastfill_h@current -> models:/fastfill_h/" "$WORK/run_study.log"
-echo "run_study $(( $(date +%s) - TS ))" >> "$WORK/timings.txt"
+if [ -f "$WORK/mlflow.db" ]; then
+  step "2/6 models from the MLflow store already in $WORK/mlflow.db (no training)"
+else
+  step "2/6 training tiny models locally (pipelines/run_study.py; no cluster needed)"
+  TS=$(date +%s)
+  "$PY" pipelines/run_study.py --config conf/test.yaml "${SETS[@]}" "${STUDY_SETS[@]}" \
+    > "$WORK/run_study.log" 2>&1 || { tail -40 "$WORK/run_study.log"; exit 1; }
+  grep -q "h models:/fastfill_h@current -> models:/fastfill_h/" "$WORK/run_study.log"
+  echo "run_study $(( $(date +%s) - TS ))" >> "$WORK/timings.txt"
+fi
 
 ZIP="$WORK/fastfill_udfs.zip"
 "$PY" - "$ZIP" <<'PYEOF'
@@ -124,11 +132,10 @@ submit cluster_check scripts/cluster/cluster_check.py --scratch "$WORK/scratch" 
   --expect-executors "$NUM_WORKERS"
 "$PY" "$ROOT/scripts/cluster/cluster_status.py" --url "$MASTER_JSON" --workers "$NUM_WORKERS" --timeout 5
 
-step "5/6 pipeline on $MASTER_URL: ingest, rank_gallery, backfill, evaluate"
+step "5/6 pipeline on $MASTER_URL: ingest, rank_gallery, backfill (evaluating each batch)"
 submit ingest pipelines/ingest.py --config conf/test.yaml "${SETS[@]}"
 submit rank_gallery pipelines/rank_gallery.py --config conf/test.yaml "${SETS[@]}" --policy uncertainty
-submit backfill pipelines/backfill.py --config conf/test.yaml "${SETS[@]}" --policy uncertainty --no-evaluate
-submit evaluate pipelines/evaluate.py --config conf/test.yaml "${SETS[@]}" --policy uncertainty
+submit backfill pipelines/backfill.py --config conf/test.yaml "${SETS[@]}" --policy uncertainty
 
 step "6/6 results"
 "$PY" "$ROOT/scripts/cluster/cluster_status.py" --url "$MASTER_JSON" --apps || true

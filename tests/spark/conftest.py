@@ -7,6 +7,10 @@
   that create per-run tables use their own `run_name` so they never see each other's tables.
 - `e2e_run`: the reference run (uncertainty policy): rank, then backfill every batch with
   evaluation, through the same job functions the `pipelines/` entrypoints call.
+- `own_gallery`: a foreign user's gallery (own_gallery_data.py) through the README's "Your own
+  gallery" commands, each a plain spark-submit: ingested, h trained, run `products_auto`
+  (the default policy) ranked, backfilled and evaluated; `make_cfg(run_name)` for runs of its
+  own on that gallery and h.
 """
 from __future__ import annotations
 
@@ -75,3 +79,20 @@ def e2e_run(pipeline_env):
     ranked = rank_job(cfg, policy="uncertainty")
     backfilled = backfill_job(cfg, policy="uncertainty", evaluate=True)
     return {"cfg": cfg, "run": "e2e_uncertainty", "ranked": ranked, "backfilled": backfilled}
+
+
+@pytest.fixture(scope="session")
+def own_gallery(tmp_path_factory) -> dict:
+    """The README's own-gallery commands run once (own_gallery_data.run_readme_commands), and
+    `make_cfg(run_name, *overrides)` for a config on that gallery, warehouse, h and store."""
+    from fastfill_udfs.config import load_config
+
+    from .own_gallery_data import run_readme_commands
+
+    done = run_readme_commands(tmp_path_factory.mktemp("own_gallery"))
+
+    def make_cfg(run_name: str = "products", *overrides: str):
+        return load_config([str(done["conf"])], [*done["overrides"], f"run_name={run_name}",
+                                                 *overrides])
+
+    return {**done, "make_cfg": make_cfg}

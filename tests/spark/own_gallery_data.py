@@ -1,10 +1,15 @@
 """A foreign user's gallery, built from scratch for the own-gallery and crash tests: PNG files
 referenced by relative path, old embeddings made by a torch module only this file knows (the
 old model knew half the classes), a Parquet gallery table with the user's own column names and
-an extra column, and the user's new model logged as an MLflow pytorch model."""
+an extra column, and the user's new model logged as an MLflow pytorch model; and that gallery
+taken through the README's "Your own gallery" config and commands (`run_readme_commands`, the
+session's `own_gallery` fixture)."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 from PIL import Image
+
+from tests.submit import SPARK_SUBMIT
+from tests.submit import submit_env as job_env
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "tests" / "data" / "foreign_model"
@@ -111,10 +120,58 @@ def sets(setup: dict, **extra) -> list[str]:
 
 
 def submit_env(**extra) -> dict:
-    """Environment for a spark-submit of the pipelines: the venv's Python, the foreign model's
-    folder importable (for entry points), no inherited gateway or tracking store."""
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, **extra}
+    """tests.submit.submit_env (a child job's environment), with the foreign model's folder
+    importable (for entry points)."""
+    env = job_env(**extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODEL_DIR), env.get("PYTHONPATH")) if p)
-    env.pop("PYSPARK_GATEWAY_PORT", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+# ------------------------------------------------- the README's "Your own gallery", as written
+README = (ROOT / "README.md").read_text()
+SECTION = README.split("## Your own gallery", 1)[1].split("\n## ", 1)[0]   # to the next heading
+PER_CLASS = 40                 # 320 items, one broken old embedding, one missing image
+TRAIN_ROWS, BATCH = 64, 64     # 64 pairs; the 255 planned items in 4 batches
+README_JOBS = ["pipelines/ingest.py", "pipelines/train_transformation.py",
+               "pipelines/rank_gallery.py", "pipelines/backfill.py", "pipelines/evaluate.py"]
+
+
+def readme_config() -> dict:
+    return yaml.safe_load(re.search(r"```yaml\n(.*?)```", SECTION, re.S).group(1))
+
+
+def readme_commands() -> list[list[str]]:
+    block = re.search(r"```bash\n(.*?)```", SECTION, re.S).group(1)
+    return [shlex.split(line) for line in block.strip().splitlines()]
+
+
+def readme_overrides(setup: dict) -> list[str]:
+    """Where this machine's copy of the README's bucket lives, and sizes fit for a test."""
+    return sets(setup, transformation__train_rows=TRAIN_ROWS, backfill__batch_size=BATCH)
+
+
+def run_readme_commands(root: Path) -> dict:
+    """A foreign gallery under `root` (make_gallery, `broken` and `missing` rows) taken through
+    the README's config (written to root/my_gallery.yaml) and its five commands, each a plain
+    spark-submit: ingested, h trained and registered, run `products_auto` ranked,
+    backfilled and evaluated. Returns the setup, the config file, the overrides and each
+    command's output; a command that fails fails the caller, naming it."""
+    setup = make_gallery(root, PER_CLASS, broken=7, missing=11)
+    conf = root / "my_gallery.yaml"
+    conf.write_text(yaml.safe_dump(readme_config()))
+    commands = readme_commands()
+    assert [c[1] for c in commands] == README_JOBS
+    outputs = {}
+    for args in commands:
+        assert args[0] == "spark-submit"
+        cmd = [str(SPARK_SUBMIT)] + [str(conf) if a == "conf/my_gallery.yaml" else a
+                                     for a in args[1:]]
+        for o in readme_overrides(setup):
+            cmd += ["--set", o]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env=submit_env(), cwd=ROOT)
+        assert proc.returncode == 0, \
+            " ".join(args) + "\n" + proc.stdout[-4000:] + proc.stderr[-4000:]
+        outputs[args[1]] = proc.stdout
+    return {"setup": setup, "conf": conf, "overrides": readme_overrides(setup),
+            "outputs": outputs}

@@ -1,54 +1,68 @@
-"""spark-submit prints the job's own lines: the log4j2.properties setup installs puts Spark at
-WARN, and `--set spark.log_level=INFO` brings Spark's INFO lines back. Each case is a real
-`spark-submit pipelines/check_environment.py` (Delta write, MERGE, time travel) with its own
-Spark conf folder (SPARK_CONF_DIR), as setup writes it into the venv's SPARK_HOME."""
+"""spark-submit as a user runs it: `scripts/spark-submit pipelines/check_environment.py` (Delta
+write, MERGE, time travel) from a shell with no venv activated, no --config and no flag but the
+test's `--set`s. The venv's spark-defaults.conf that setup writes supplies Delta and runs the
+driver and the workers on the venv's Python; the log4j2.properties setup installs puts Spark at
+WARN, so the job's own lines are what it prints, and `--set spark.log_level=INFO` brings Spark's
+INFO lines back. (One job serves the Delta, interpreter and quiet-log checks: each
+spark-submit is a JVM start.)"""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from fastfill_udfs.spark import jars
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARK_INFO = re.compile(r"\bINFO [A-Z][A-Za-z0-9$]*: ")   # log4j's "INFO SparkContext: ..."
+VENV_PYTHON = (ROOT / ".venv" / "bin" / "python").resolve()
 
 
-def _conf_dir(tmp_path: Path, quiet: bool) -> Path:
-    conf = tmp_path / ("quiet" if quiet else "default")
-    conf.mkdir()
-    (conf / "spark-defaults.conf").write_text("".join(
-        f"{k}  {v}\n" for k, v in jars.delta_spark_conf().items()))
-    if quiet:
-        assert jars.write_log4j2(conf) == conf / "log4j2.properties"
-    return conf
-
-
-def _submit(conf: Path, tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "pipelines/check_environment.py",
-           "--config", "conf/test.yaml", "--set", f"paths.warehouse={tmp_path / 'wh'}",
-           "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+def _bare_submit(work: Path, *sets: str) -> subprocess.CompletedProcess:
+    """scripts/spark-submit from a shell whose PATH has only the system Python (no pyspark,
+    no SPARK_HOME, no PYSPARK_PYTHON), run in `work` (outside the checkout), its warehouse and
+    MLflow store there."""
+    work.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(work))}
+    if os.environ.get("JAVA_HOME"):
+        env["JAVA_HOME"] = os.environ["JAVA_HOME"]
+    cmd = [str(ROOT / "scripts" / "spark-submit"), str(ROOT / "pipelines" / "check_environment.py"),
+           "--set", f"paths.warehouse={work / 'wh'}",
+           "--set", f"mlflow.tracking_uri=sqlite:///{work / 'm.db'}",
+           "--set", "spark.master=local[1]"]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "SPARK_CONF_DIR": str(conf), "PYSPARK_PYTHON": sys.executable}
-    env.pop("PYSPARK_GATEWAY_PORT", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=work, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "environment OK" in proc.stdout
     return proc
 
 
-def test_spark_is_quiet_and_its_chatter_comes_back_on_request(tmp_path):
-    conf = _conf_dir(tmp_path, quiet=True)
-    quiet = _submit(conf, tmp_path)
+def _report(stdout: str) -> dict[str, str]:
+    """check_environment's `key: value` report lines."""
+    return dict(line.strip().split(": ", 1) for line in stdout.splitlines()
+                if re.match(r"^ *[a-z_-]+: ", line))
+
+
+def test_plain_spark_submit_writes_delta_on_the_venvs_python_and_spark_is_quiet(tmp_path):
+    log4j2 = jars.spark_home() / "conf" / "log4j2.properties"
+    assert log4j2.read_text().startswith(jars.LOG4J2_MARKER), \
+        f"{log4j2} is not the one scripts/setup.sh writes (rerun it)"
+    quiet = _bare_submit(tmp_path / "quiet")
+    report = _report(quiet.stdout)
+    # Delta from setup's spark-defaults.conf: the job's table is a Delta table
+    table = tmp_path / "quiet" / "wh" / "_environment_check"
+    assert report["delta_check_table"] == str(table) and (table / "_delta_log").is_dir()
+    # the driver and the workers on the venv's Python, though the shell has none of it
+    assert Path(report["python_driver"]).resolve() == VENV_PYTHON
+    assert [Path(p).resolve() for p in report["python_workers"].split(", ")] == [VENV_PYTHON]
+    # Spark at WARN: no INFO line, no notice of log4j's default profile
     quiet_text = quiet.stdout + quiet.stderr
     assert not SPARK_INFO.findall(quiet_text), SPARK_INFO.findall(quiet_text)[:5]
     assert "Using Spark's default log4j profile" not in quiet_text
-    assert "delta_check_table" in quiet.stdout            # the job's own report is there
-    loud = _submit(conf, tmp_path, "spark.log_level=INFO")
+
+    loud = _bare_submit(tmp_path / "loud", "spark.log_level=INFO")
     loud_text = loud.stdout + loud.stderr
     assert len(SPARK_INFO.findall(loud_text)) > 20        # Spark's INFO lines are back
     assert len(loud_text) > 2 * len(quiet_text)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 
 from fastfill_udfs.spark.delta_io import read_table, table_paths
 from fastfill_udfs.spark.lease import _pid_alive
+
+from tests.submit import SPARK_SUBMIT, submit_env
 
 from .conftest import TINY
 
@@ -158,26 +159,26 @@ def _submit(pipeline_env, run_name: str, log: Path) -> subprocess.Popen:
     sets = [f"paths.warehouse={root / 'warehouse'}", f"paths.outputs={root / 'outputs'}",
             f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", *TINY,
             f"run_name={run_name}"]
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "pipelines/backfill.py",
-           "--config", "conf/test.yaml", "--policy", "random"]
+    cmd = [str(SPARK_SUBMIT), "pipelines/backfill.py", "--config", "conf/test.yaml",
+           "--policy", "random"]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    env.pop("PYSPARK_GATEWAY_PORT", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env=env, start_new_session=True)
+                            env=submit_env(), start_new_session=True)
 
 
-def _wait_until_working(cfg, run: str, proc, log: Path, timeout: float = 600):
-    """The job's MLflow run once it is RUNNING under the job and has logged a step."""
+def _wait_until_working(cfg, run: str, proc, log: Path, not_job: str | None = None,
+                        timeout: float = 600):
+    """The job's MLflow run once it is RUNNING under the job (a job other than `not_job`) and
+    has logged a step."""
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, "the job ended first:\n" + log.read_text()[-3000:]
         assert time.monotonic() < deadline, "the job never started working"
         found = _mlflow_run_of(cfg, run)
         if (found is not None and found.info.status == "RUNNING"
-                and found.data.tags.get("fastfill.job") and "mAP" in found.data.metrics):
+                and found.data.tags.get("fastfill.job") not in ("", None, not_job)
+                and "mAP" in found.data.metrics):
             return found
         time.sleep(0.2)
 
@@ -187,52 +188,37 @@ def _driver_pid(job: str) -> int:
     return int(job.split(":")[1])
 
 
-def _logged_batches(cfg, run) -> int:
-    from pyspark.sql import SparkSession
-
-    path = table_paths(cfg, run).backfill_log
-    try:
-        return read_table(SparkSession.getActiveSession(), path).where("batch_id > 0").count()
-    except Exception:
-        return 0
+def _logged_batches(spark, cfg, run) -> int:
+    """Batches past batch 0 in the run's backfill_log (rank wrote batch 0: the table exists)."""
+    return read_table(spark, table_paths(cfg, run).backfill_log).where("batch_id > 0").count()
 
 
-def _ranked_small(pipeline_env, run_name: str):
-    """A run of ten 30-item batches, so a job is still at work when it is signalled."""
-    from fastfill_udfs.spark.jobs import rank_job
+@pytest.fixture(scope="module")
+def signalled(spark, pipeline_env, tmp_path_factory):
+    """Run `lifesig_random`, ten 30-item batches, so a job is still at work when it is
+    signalled: a spark-submit job on it is stopped with SIGTERM to its Python driver, a second
+    one is killed with `kill -9` to its whole process group, then a job in this process
+    finishes the run. What each left: exit code, output, MLflow status and tags, batches."""
+    from fastfill_udfs.spark.jobs import backfill_job, rank_job
 
-    cfg = pipeline_env.make_cfg(run_name, "backfill.batch_size=30")
-    rank_job(cfg, policy="random")
-    return pipeline_env.make_cfg(run_name)
+    run, tmp = "lifesig_random", tmp_path_factory.mktemp("lifesig")
+    rank_job(pipeline_env.make_cfg("lifesig", "backfill.batch_size=30"), policy="random")
+    cfg = pipeline_env.make_cfg("lifesig")
+    out = {"cfg": cfg}
 
+    log = tmp / "term.log"
+    proc = _submit(pipeline_env, "lifesig", log)
+    found = _wait_until_working(cfg, run, proc, log)
+    job = found.data.tags["fastfill.job"]
+    os.kill(_driver_pid(job), signal.SIGTERM)
+    code = proc.wait(timeout=300)
+    out["term"] = {"code": code, "output": log.read_text(), "job": job,
+                   "mlflow_run_id": found.info.run_id, "logged": _logged_batches(spark, cfg, run),
+                   **dict(zip(("status", "tags"), _status(cfg, found.info.run_id)))}
 
-def test_sigterm_to_a_spark_submit_job_marks_it_killed(spark, pipeline_env, tmp_path):
-    from fastfill_udfs.spark.jobs import backfill_job
-
-    cfg = _ranked_small(pipeline_env, "lifeterm")
-    log = tmp_path / "job.log"
-    proc = _submit(pipeline_env, "lifeterm", log)
-    found = _wait_until_working(cfg, "lifeterm_random", proc, log)
-    pid = _driver_pid(found.data.tags["fastfill.job"])
-    os.kill(pid, signal.SIGTERM)
-    assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
-    assert "stopped: terminated by SIGTERM" in log.read_text()
-    status, tags = _status(cfg, found.info.run_id)
-    assert status == "KILLED", tags.get("fastfill.state")
-    assert "terminated by SIGTERM" in tags["fastfill.state"]
-    assert _logged_batches(cfg, "lifeterm_random") < 10            # it was stopped half-way
-    done = backfill_job(cfg, policy="random", evaluate=True)
-    assert done["mlflow_run_id"] == found.info.run_id
-    assert _status(cfg, found.info.run_id)[0] == "FINISHED"
-
-
-def test_after_kill_9_the_next_job_records_the_job_that_is_gone(spark, pipeline_env, tmp_path):
-    from fastfill_udfs.spark.jobs import backfill_job
-
-    cfg = _ranked_small(pipeline_env, "lifekill")
-    log = tmp_path / "job.log"
-    proc = _submit(pipeline_env, "lifekill", log)
-    found = _wait_until_working(cfg, "lifekill_random", proc, log)
+    log = tmp / "kill.log"
+    proc = _submit(pipeline_env, "lifesig", log)
+    found = _wait_until_working(cfg, run, proc, log, not_job=job)
     gone = found.data.tags["fastfill.job"]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=120)
@@ -241,13 +227,42 @@ def test_after_kill_9_the_next_job_records_the_job_that_is_gone(spark, pipeline_
     while _pid_alive(driver):           # a zombie counts as gone (CI's PID 1 may not reap)
         assert time.monotonic() < deadline, f"driver {driver} still alive after SIGKILL"
         time.sleep(0.1)
-    status, tags = _status(cfg, found.info.run_id)
-    assert status == "RUNNING" and tags["fastfill.job"] == gone   # nothing could mark it
+    out["kill"] = {"gone": gone, "mlflow_run_id": found.info.run_id,
+                   **dict(zip(("status", "tags"), _status(cfg, found.info.run_id)))}
+
     done = backfill_job(cfg, policy="random", evaluate=True)
-    assert done["mlflow_run_id"] == found.info.run_id
-    status, tags = _status(cfg, found.info.run_id)
-    assert status == "FINISHED"
-    history = tags["fastfill.history"].splitlines()
+    out["done"] = {"mlflow_run_id": done["mlflow_run_id"],
+                   **dict(zip(("status", "tags"), _status(cfg, done["mlflow_run_id"])))}
+    return out
+
+
+def test_sigterm_to_a_spark_submit_job_marks_it_killed(signalled):
+    term = signalled["term"]
+    assert term["code"] == 128 + signal.SIGTERM, term["output"][-3000:]
+    assert "stopped: terminated by SIGTERM" in term["output"]
+    assert term["status"] == "KILLED", term["tags"].get("fastfill.state")
+    assert "terminated by SIGTERM" in term["tags"]["fastfill.state"]
+    assert term["logged"] < 10                                     # it was stopped half-way
+    # the next job reopened the same MLflow run, and the last one finished it
+    assert signalled["kill"]["mlflow_run_id"] == signalled["done"]["mlflow_run_id"] \
+        == term["mlflow_run_id"]
+    assert signalled["done"]["status"] == "FINISHED"
+    history = signalled["done"]["tags"]["fastfill.history"].splitlines()
+    stopped = [i for i, line in enumerate(history) if "terminated by SIGTERM" in line]
+    assert len(stopped) == 1 and " UTC KILLED: " in history[stopped[0]]
+    assert f"RUNNING: opened by job {signalled['kill']['gone']} (was KILLED)" in \
+        history[stopped[0] + 1]
+
+
+def test_after_kill_9_the_next_job_records_the_job_that_is_gone(signalled):
+    kill, done = signalled["kill"], signalled["done"]
+    gone = kill["gone"]
+    assert gone != signalled["term"]["job"]
+    assert kill["status"] == "RUNNING"                  # nothing could mark it
+    assert kill["tags"]["fastfill.job"] == gone
+    assert done["mlflow_run_id"] == kill["mlflow_run_id"]
+    assert done["status"] == "FINISHED"
+    history = done["tags"]["fastfill.history"].splitlines()
     recorded = [line for line in history if f"KILLED: job {gone} stopped without closing" in line]
     assert len(recorded) == 1
     i = history.index(recorded[0])

@@ -1,6 +1,7 @@
 """The pipeline on a real standalone Spark cluster (a master and two workers on 127.0.0.1, started
 with scripts/cluster/start_cluster.sh): ingest -> rank_gallery -> backfill -> evaluate through
-spark-submit --master spark://..., the package shipped to the executors with --py-files.
+spark-submit --master spark://..., the package shipped to the executors with --py-files, with
+the models the test session's study registered (a copy of its MLflow store).
 
 Skipped, with the reason printed, only when Java is missing; a master or worker that fails to
 start is a failure. The cluster is always stopped afterwards.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "cluster"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 PIPELINE_TIMEOUT_S = int(os.environ.get("FASTFILL_CLUSTER_TEST_TIMEOUT", "1500"))
@@ -60,8 +62,6 @@ def _marked(output: str, tag: str) -> dict:
 @pytest.fixture
 def cluster(tmp_path):
     """Start a private cluster (own ports and folder); yield its environment; always stop it."""
-    import shutil
-
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         _skip("no Java: a standalone Spark cluster needs a JVM")
     assert PYTHON.is_file(), f"no project virtualenv at {PYTHON} (run bash scripts/setup.sh)"
@@ -86,9 +86,13 @@ def cluster(tmp_path):
         print(stopped.stdout + stopped.stderr)
 
 
-def test_pipeline_runs_on_standalone_cluster(cluster, tmp_path):
+def test_pipeline_runs_on_standalone_cluster(cluster, pipeline_env, tmp_path):
     env = cluster
     work = tmp_path / "work"
+    work.mkdir()
+    # the models (fastfill_old/new/h@current) as the session's study registered them: the
+    # script trains none when its work folder holds an MLflow store
+    shutil.copy(pipeline_env.root / "mlflow.db", work / "mlflow.db")
     t = time.monotonic()
     # its own process group, so a timeout ends everything it started (and nothing else)
     proc = subprocess.Popen(["bash", str(SCRIPTS / "run_pipeline_on_cluster.sh"), str(work)],
@@ -103,6 +107,8 @@ def test_pipeline_runs_on_standalone_cluster(cluster, tmp_path):
                     f"(FASTFILL_CLUSTER_TEST_TIMEOUT):\n{stdout[-5000:]}")
     out = stdout
     print(out)
+    assert "2/6 models from the MLflow store already in" in out and \
+        not (work / "run_study.log").exists()
     print(f"[test_cluster] pipeline on the cluster took {time.monotonic() - t:.0f} s")
     assert proc.returncode == 0, f"run_pipeline_on_cluster.sh failed:\n{out[-5000:]}"
 
