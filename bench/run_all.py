@@ -803,7 +803,9 @@ def cluster_section(res: dict | None) -> list[str]:
            "backfill}.py` (the backfill evaluating each batch) on 200 Fashion-MNIST items in 2 "
            "batches. `tests/spark/test_cluster.py` runs "
            "it in CI (own ports and folders; skipped, with the reason, only where the cluster "
-           "cannot start).", ""]
+           "cannot start) with the models and the ingested gallery its test session already "
+           "made: the script trains nothing when its work folder holds an MLflow store and "
+           "ingests nothing when it holds the `gallery` table.", ""]
     if not res:
         return out + ["No timing recorded yet: `" + PY + " bench/run_all.py --only cluster_pipeline`.", ""]
     steps = ", ".join(f"{k} {v} s" for k, v in res.get("step_s", {}).items())

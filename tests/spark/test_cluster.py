@@ -1,7 +1,9 @@
 """The pipeline on a real standalone Spark cluster (a master and two workers on 127.0.0.1, started
 with scripts/cluster/start_cluster.sh): ingest -> rank_gallery -> backfill -> evaluate through
 spark-submit --master spark://..., the package shipped to the executors with --py-files, with
-the models the test session's study registered (a copy of its MLflow store).
+the models the test session's study registered (a copy of its MLflow store) on the gallery
+the session ingested (a copy of its gallery, query and quarantine tables): rank_gallery and
+backfill (evaluating every batch) run on the cluster.
 
 Skipped, with the reason printed, only when Java is missing; a master or worker that fails to
 start is a failure. The cluster is always stopped afterwards.
@@ -87,12 +89,20 @@ def cluster(tmp_path):
 
 
 def test_pipeline_runs_on_standalone_cluster(cluster, pipeline_env, tmp_path):
+    from fastfill_udfs.spark.delta_io import table_paths
+
     env = cluster
     work = tmp_path / "work"
     work.mkdir()
-    # the models (fastfill_old/new/h@current) as the session's study registered them: the
-    # script trains none when its work folder holds an MLflow store
+    # the models (fastfill_old/new/h@current) as the session's study registered them, and
+    # the gallery and queries as the session ingested them: the script trains none when its
+    # work folder holds an MLflow store, and ingests nothing when it holds the gallery
     shutil.copy(pipeline_env.root / "mlflow.db", work / "mlflow.db")
+    session = table_paths(pipeline_env.make_cfg())
+    for table in (session.gallery, session.queries, session.query_features, session.quarantine):
+        if Path(table).is_dir():                     # queries: only for a query source
+            shutil.copytree(table, work / "warehouse" / Path(table).name)
+    assert (work / "warehouse" / "gallery").is_dir()
     t = time.monotonic()
     # its own process group, so a timeout ends everything it started (and nothing else)
     proc = subprocess.Popen(["bash", str(SCRIPTS / "run_pipeline_on_cluster.sh"), str(work)],
@@ -109,6 +119,7 @@ def test_pipeline_runs_on_standalone_cluster(cluster, pipeline_env, tmp_path):
     print(out)
     assert "2/6 models from the MLflow store already in" in out and \
         not (work / "run_study.log").exists()
+    assert "gallery already ingested in" in out and not (work / "ingest.log").exists()
     print(f"[test_cluster] pipeline on the cluster took {time.monotonic() - t:.0f} s")
     assert proc.returncode == 0, f"run_pipeline_on_cluster.sh failed:\n{out[-5000:]}"
 
