@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fastfill_udfs.config import load_config  # noqa: E402
-from fastfill_udfs.forecast import gain_share  # noqa: E402
+from fastfill_udfs.forecast import share_gap  # noqa: E402
 from fastfill_udfs.policies import (assign_batches, auto_scores, batching_from_config,  # noqa: E402
                                     order_scores, rank_order)
 from fastfill_udfs.simulate import backfill_curve, curve_auc, fraction_to_reach  # noqa: E402
@@ -133,11 +133,9 @@ def main(argv=None) -> int:
     x = auto["backfill_fraction"].to_numpy()
     auc = curve_auc(x, auto["mAP"])
     r_auc = np.array([curve_auc(x, c["mAP"]) for c in rand])
-    share = gain_share(auto["mAP"].to_numpy())
     key = fc.decision["key"]
-    c = fc.candidate(key)
-    predicted = np.interp(x, fc.fractions, gain_share(c["curve"]))
-    gap = float(np.max(np.abs(predicted - share)))
+    compared = share_gap(fc, x, auto["mAP"], key=key)
+    gap = compared["gap"]
     eps = cfg.get_path("forecast.stop_epsilon")
     reach = fraction_to_reach(x, auto["mAP"].to_numpy(), newnew, eps)
     stop = fc.stop["fraction"]
@@ -150,7 +148,7 @@ def main(argv=None) -> int:
            "auto_minus_random_sd": float((auc - r_auc.mean()) / max(r_auc.std(ddof=1), 1e-12)),
            "not_below_random": bool(auc >= r_auc.min()),
            "normalised_gap_max": gap, "gap_ok": gap <= 0.1,
-           "gap_per_batch": np.round(predicted - share, 4).tolist(),
+           "gap_per_batch": np.round(compared["predicted"] - compared["realised"], 4).tolist(),
            "stop_forecast": stop, "reach_realised": reach,
            "stop_ok": bool(np.isfinite(reach) and abs(stop - reach) <= 0.1),
            "newnew_mAP": newnew, "t0_mAP": float(auto["mAP"].iloc[0]),

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     from fastfill_udfs.cli import setup_logging
     from fastfill_udfs.config import load_config
-    from fastfill_udfs.forecast import gain_share, neighbour_agreement, reference_neighbours
+    from fastfill_udfs.forecast import neighbour_agreement, reference_neighbours, share_gap
     from fastfill_udfs.metrics import retrieval_metrics
     from fastfill_udfs.policies import batch_sizes
     from fastfill_udfs.simulate import curve_auc, fraction_to_reach
@@ -114,10 +114,7 @@ def main(argv=None) -> int:
         r_aucs.append(_auc(x, curve_of(b), curve_auc))
     r_aucs = np.array(r_aucs)
     auc = _auc(x, auto, curve_auc)
-    share = gain_share(auto)
-    c = forecast.chosen
-    predicted = np.interp(x, forecast.fractions, gain_share(c["curve"]))
-    gap = float(np.max(np.abs(predicted - share)))
+    gap = share_gap(forecast, x, auto)["gap"]
     eps = forecast.stop["epsilon"]
     reach = fraction_to_reach(x, auto, auto[-1], eps)
     logged_gap = client.get_run(done["mlflow_run_id"]).data.metrics.get("forecast_gap_max")

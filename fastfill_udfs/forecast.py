@@ -41,7 +41,7 @@ from fastfill_udfs.metrics import DISTANCES, retrieval_metrics, similarity_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Candidate", "Forecast", "forecast_orders", "choose_order", "recommend_stop",
+__all__ = ["Candidate", "Forecast", "forecast_fractions", "share_gap", "forecast_orders", "choose_order", "recommend_stop",
            "neighbour_agreement", "reference_neighbours", "fit_auto_order", "gain_share",
            "forecast_settings", "copy_auto_order",
            "FORECAST_VERSION"]
@@ -420,6 +420,31 @@ def gain_share(curve, start: float | None = None, end: float | None = None) -> n
     a = c[0] if start is None else start
     b = c[-1] if end is None else end
     return (c - a) / (b - a) if b != a else np.full(len(c), np.nan)
+
+
+def forecast_fractions(forecast: "Forecast", fractions, key: str | None = None) -> dict:
+    """The forecast curve of candidate `key` (default: the chosen one) at the run's own
+    backfill `fractions`, linearly interpolated: {"curve", "lo", "hi", "gain_share"} (the band
+    only where the candidate has one)."""
+    x = np.asarray(forecast.fractions, np.float64)
+    c = forecast.chosen if key is None else forecast.candidate(key)
+    at = np.asarray(fractions, np.float64)
+    curve = np.interp(at, x, c["curve"])
+    return {"curve": curve, "lo": np.interp(at, x, c.get("curve_lo", c["curve"])),
+            "hi": np.interp(at, x, c.get("curve_hi", c["curve"])),
+            "gain_share": np.interp(at, x, gain_share(c["curve"]))}
+
+
+def share_gap(forecast: "Forecast", fractions, realised, *, key: str | None = None,
+              end: float | None = None) -> dict:
+    """A backfill's realised curve (`realised`, one value per entry of `fractions`) against
+    the forecast of candidate `key` (default: the chosen one), both as the share of the gain
+    (`gain_share`; the realised one ends at `end`, default its last point): {"predicted",
+    "realised" (arrays), "gap" (the largest absolute difference, NaN points skipped)}."""
+    predicted = forecast_fractions(forecast, fractions, key=key)["gain_share"]
+    share = gain_share(np.asarray(realised, np.float64), end=end)
+    return {"predicted": predicted, "realised": share,
+            "gap": float(np.nanmax(np.abs(predicted - share)))}
 
 
 def forecast_orders(h, old, new, labels=None, *, sigma_head=None, queries=None,

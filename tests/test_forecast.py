@@ -269,3 +269,18 @@ def test_cost_lines_from_the_measured_rate():
     assert m["estimate_hours_rest"] == pytest.approx(1.0)
     assert m["estimate_hours_to_stop"] == pytest.approx(0.5)
     assert cost_lines(None, 5)[1].startswith("rate: not measured")
+
+
+def test_share_gap_compares_shares_at_the_runs_own_fractions(forecast):
+    x = np.asarray(forecast.fractions, np.float64)
+    chosen = np.asarray(forecast.chosen["curve"], np.float64)
+    mid = (x[:-1] + x[1:]) / 2                    # points between the forecast's own
+    realised = np.interp(mid, x, chosen)
+    got = fc.share_gap(forecast, mid, realised)
+    assert np.allclose(got["predicted"], np.interp(mid, x, fc.gain_share(chosen)))
+    assert np.allclose(got["realised"], fc.gain_share(realised))
+    assert got["gap"] == pytest.approx(np.max(np.abs(got["predicted"] - got["realised"])))
+    # the realised share ends where it is told to (new/new), not at its last point
+    end = realised[-1] + 0.1
+    moved = fc.share_gap(forecast, mid, realised, end=end)
+    assert moved["realised"][-1] < 1.0 and moved["gap"] > 0.0

@@ -125,9 +125,10 @@ def plan_ahead(spark: SparkSession, cfg: Config, new_model: ModelRef, run: str, 
     forecast's recommended stop when `stop` is ``forecast``), the measured rate and the cost
     lines. Returns {max_batches, lines, metrics, stop, pending (batches)}. Raises ValueError for an unknown
     `stop` (naming backfill.stop), NoForecastError for ``forecast`` without a forecast."""
+    from fastfill_udfs.forecast import forecast_fractions
     from fastfill_udfs.spark.backfill import committed_batches, planned_batches
-    from fastfill_udfs.spark.forecast import (NoForecastError, forecast_fractions,
-                                              planned_fractions, run_forecast, stop_batch)
+    from fastfill_udfs.spark.forecast import (NoForecastError, planned_fractions, run_forecast,
+                                              stop_batch)
     from fastfill_udfs.spark.rank import plan_metadata
 
     if stop not in STOP_RULES:

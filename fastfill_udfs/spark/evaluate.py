@@ -457,9 +457,9 @@ class BackfillTracker:
         on one MLflow chart), the recommended stop and the decision."""
         from mlflow.tracking import MlflowClient
 
+        from fastfill_udfs.forecast import forecast_fractions
         from fastfill_udfs.spark.backfill import planned_batches
-        from fastfill_udfs.spark.forecast import (forecast_fractions, planned_fractions,
-                                                  run_forecast, stop_batch)
+        from fastfill_udfs.spark.forecast import planned_fractions, run_forecast, stop_batch
         from fastfill_udfs.tracking import log_step_metrics, logged_steps
 
         found = run_forecast(self.meta, self.policy)
@@ -621,21 +621,18 @@ class BackfillTracker:
     def _log_forecast_vs_realised(self, client, curve: pd.DataFrame, tmp: Path) -> None:
         """The realised share of the gain (mAP where the forecast used mAP, else agreement)
         beside the forecast's, per step, and their largest gap; the chart as an artifact."""
-        from fastfill_udfs.forecast import gain_share
+        from fastfill_udfs.forecast import share_gap
         from fastfill_udfs.reporting import plot_forecast
-        from fastfill_udfs.spark.forecast import forecast_fractions
-        from fastfill_udfs.tracking import log_step_metrics
+        from fastfill_udfs.tracking import log_step_metrics, logged_steps
 
         metric = "mAP" if self.forecast.metric == "mAP" else "agreement"
         values = curve[metric].to_numpy(np.float64)
         end = self.evaluator.references.get("new_new_mAP") if metric == "mAP" else 1.0
         if not np.isfinite(values).all():
             return
-        realised = curve.assign(gain_share=gain_share(values, end=end))
-        predicted = forecast_fractions(self.forecast, realised["backfill_fraction"],
-                                       key=self.forecast_key)["gain_share"]
-        gap = float(np.nanmax(np.abs(predicted - realised["gain_share"].to_numpy())))
-        from fastfill_udfs.tracking import logged_steps
+        compared = share_gap(self.forecast, curve["backfill_fraction"], values,
+                             key=self.forecast_key, end=end)
+        realised, gap = curve.assign(gain_share=compared["realised"]), compared["gap"]
 
         done = logged_steps(self.run_id, "gain_share")    # logged per step where new/new is known
         for row in realised.itertuples():

@@ -190,21 +190,6 @@ def load_forecast(h: ModelRef) -> Forecast | None:
     return download_forecast(h.run_id) if h.run_id else None
 
 
-def forecast_fractions(forecast: Forecast, fractions, key: str | None = None) -> dict:
-    """The forecast curve of candidate `key` (default: the chosen one) at the run's own
-    backfill `fractions`, linearly interpolated: {"curve", "lo", "hi", "gain_share"} (the band
-    only where the candidate has one)."""
-    from fastfill_udfs.forecast import gain_share
-
-    x = np.asarray(forecast.fractions, np.float64)
-    c = forecast.chosen if key is None else forecast.candidate(key)
-    at = np.asarray(fractions, np.float64)
-    curve = np.interp(at, x, c["curve"])
-    return {"curve": curve, "lo": np.interp(at, x, c.get("curve_lo", c["curve"])),
-            "hi": np.interp(at, x, c.get("curve_hi", c["curve"])),
-            "gain_share": np.interp(at, x, gain_share(c["curve"]))}
-
-
 def announce_forecast(h: ModelRef) -> Forecast | None:
     """Log (print) the forecast behind h's ``auto`` order before a ranking: every candidate's
     forecast AUC and band, random order's spread, the decision and its reason, where to stop.
