@@ -51,17 +51,33 @@ def rank_job(cfg: Config, *, policy: str | None = None, master: str | None = Non
     return rank_gallery(spark, cfg, h, new, policy, run, force=force)
 
 
-def _lease(spark, cfg: Config, run: str):
-    """The run's lease; raises TableNotFoundError (before creating anything) for a run that
-    is not ranked."""
-    from fastfill_udfs.spark.backfill import run_lease
+def _check_ranked(spark, cfg: Config, run: str) -> None:
+    """Raises TableNotFoundError (before anything is created) for a run that is not ranked."""
     from fastfill_udfs.spark.delta_io import TableNotFoundError, table_paths
     from fastfill_udfs.spark.rank import is_ranked
 
     if not is_ranked(spark, cfg, run):
         raise TableNotFoundError(f"run '{run}' is not ranked yet: run pipelines/rank_gallery.py "
                                  f"first (no batch 0 in {table_paths(cfg, run).backfill_log})")
+
+
+def _lease(spark, cfg: Config, run: str):
+    """The run's lease; raises TableNotFoundError for a run that is not ranked."""
+    from fastfill_udfs.spark.backfill import run_lease
+
+    _check_ranked(spark, cfg, run)
     return run_lease(spark, cfg, run)
+
+
+def _plan_ahead(spark, cfg: Config, new_model, run: str, policy: str, stop: str,
+                max_batches: int | None) -> dict:
+    """`estimate.plan_ahead`, its cost lines printed."""
+    from fastfill_udfs.spark.estimate import plan_ahead
+
+    plan = plan_ahead(spark, cfg, new_model, run, policy, stop=stop, max_batches=max_batches)
+    for line in plan["lines"]:
+        log.info("estimate %s: %s", run, line)
+    return plan
 
 
 def _tracker(spark, cfg: Config, policy: str):
@@ -81,7 +97,6 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
     model's rate on the plan's images and prints the cost; `estimate_only` prints it and
     returns (no lease, nothing written)."""
     from fastfill_udfs.spark.backfill import run_backfill
-    from fastfill_udfs.spark.estimate import plan_ahead
 
     policy = policy or cfg.get_path("backfill.policy")
     evaluate = cfg.get_path("backfill.evaluate") if evaluate is None else evaluate
@@ -91,11 +106,8 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
     run = run_id_for(cfg, policy)
     new_model = load_configured_model(cfg, "new")
     if estimate_only:
-        _lease(spark, cfg, run)   # refuses a run that is not ranked
-        plan = plan_ahead(spark, cfg, new_model, run, policy, stop=stop,
-                          max_batches=max_batches or None)
-        for line in plan["lines"]:
-            log.info("estimate %s: %s", run, line)
+        _check_ranked(spark, cfg, run)
+        plan = _plan_ahead(spark, cfg, new_model, run, policy, stop, max_batches or None)
         return {"run": run, "estimate": plan["lines"], "committed_now": []}
     tracker = None
     with _lease(spark, cfg, run) as lease, \
@@ -106,10 +118,7 @@ def backfill_job(cfg: Config, *, policy: str | None = None, max_batches: int | N
             tracker.catch_up()
         else:
             status.track_existing()
-        plan = plan_ahead(spark, cfg, new_model, run, policy, stop=stop,
-                          max_batches=max_batches or None)
-        for line in plan["lines"]:
-            log.info("estimate %s: %s", run, line)
+        plan = _plan_ahead(spark, cfg, new_model, run, policy, stop, max_batches or None)
         if tracker is not None and plan["pending"]:   # a rerun of a finished run logs nothing
             from fastfill_udfs.tracking import log_step_metrics
 
