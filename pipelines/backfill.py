@@ -10,6 +10,7 @@ import _bootstrap  # noqa: F401
 import sys
 
 from fastfill_udfs.cli import job_parser, run_job
+from fastfill_udfs.config import BACKFILL_STOPS
 from fastfill_udfs.policies import RUN_POLICIES
 from fastfill_udfs.spark.jobs import backfill_job
 
@@ -21,7 +22,7 @@ if __name__ == "__main__":
                         help="stop after N batches (a compute budget); a later run continues")
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
                         help="do not evaluate after each batch (run pipelines/evaluate.py later)")
-    parser.add_argument("--stop", choices=["none", "forecast"], default=None,
+    parser.add_argument("--stop", choices=BACKFILL_STOPS, default=None,
                         help="forecast: stop at the forecast's recommended fraction "
                              "(default: backfill.stop)")
     parser.add_argument("--estimate-only", action="store_true",
